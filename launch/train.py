@@ -1,0 +1,190 @@
+"""Train the hybrid liquid/spiking/Mamba language model with DeepSpeed ZeRO-2.
+
+    deepspeed launch/train.py --deepspeed_config ds_configs/fp16_stable.json --config launch/presets/small.yaml
+    deepspeed --num_gpus 2 launch/train.py --deepspeed_config ds_configs/cpu.json --config launch/presets/tiny.yaml \
+        --train.max_steps 50 --train.resume auto
+
+Read top to bottom: config -> data -> model -> engine -> resume -> loop (step, log, eval, checkpoint).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+import torch
+import torch.distributed as dist
+
+from pipeline.config import ConfigError
+from pipeline.data import DataError, PackedReader
+from pipeline.engine.checkpoint import Checkpointer
+from pipeline.engine.evaluation import evaluate, lm_loss
+from pipeline.engine.stability import BatchGuard, Drill, LossScaleWatch, RunAborted, describe_skip_counts
+from pipeline.engine.setup import (check_precision_supported, configure_cpu_threads, initialize,
+                                   load_deepspeed_config, precision_of)
+from pipeline.metrics import MetricsSink, setup_logging
+from pipeline.model import HybridLM
+from pipeline.run_config import parse_run_config
+
+
+def main(argv=None) -> int:
+    # ---- config: YAML preset + overrides, DeepSpeed JSON; checked before any process group exists
+    cfg = parse_run_config(argv)
+    ds_config = load_deepspeed_config(cfg.deepspeed_config, cfg.train)
+    check_precision_supported(ds_config, cfg.deepspeed_config, cfg.train.allow_cpu_fp16)
+    configure_cpu_threads()
+
+    import deepspeed
+    deepspeed.init_distributed()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    run_dir = Path(cfg.train.out_dir)
+    log = setup_logging(run_dir, rank)
+
+    # ---- data: each rank reads its own slice of the packed token stream
+    micro_batch = ds_config["train_micro_batch_size_per_gpu"]
+    train_reader = PackedReader(cfg.data.data_dir, split="train", sequence_length=cfg.data.sequence_length,
+                                micro_batch_size=micro_batch, seed=cfg.data.seed, rank=rank, world_size=world_size)
+    val_reader = PackedReader(cfg.data.data_dir, split="validation", sequence_length=cfg.data.sequence_length,
+                              micro_batch_size=micro_batch, seed=cfg.data.seed, rank=rank, world_size=world_size)
+    if train_reader.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
+                          f"({train_reader.vocab_size}) of {cfg.data.data_dir}/manifest.json")
+
+    # ---- model and engine: identical initial weights on every rank, then per-rank dropout streams
+    torch.manual_seed(cfg.train.seed)
+    model = HybridLM(cfg.model)
+    torch.manual_seed(cfg.train.seed + 1 + rank)
+    engine, scheduler = initialize(model, ds_config, cfg.train)
+    if rank == 0:
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+        shutil.copyfile(train_reader.tokenizer_path, run_dir / "tokenizer.model")
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model: %.2fM parameters, %s, ZeRO-2 on %d ranks (%s), micro batch %d x accumulation %d x seq %d",
+             n_params / 1e6, precision_of(ds_config), world_size, engine.device, micro_batch,
+             engine.gradient_accumulation_steps(), cfg.data.sequence_length)
+
+    # ---- stability hooks: collective bad-batch skipping, loss-scale watch, fault drills
+    guard = BatchGuard(cfg.stability, run_dir, train_reader.num_samples)
+    scale_watch = LossScaleWatch(engine, cfg.stability, ds_config)
+    drill = Drill(cfg.stability)
+
+    # ---- resume: engine state from DeepSpeed, the rest from our client state
+    checkpointer = Checkpointer(run_dir, keep=cfg.train.keep_checkpoints)
+    client_state = checkpointer.load(engine, cfg.train.resume)
+    if client_state is not None:
+        train_reader.load_state_dict(client_state["reader"])
+        guard.load_state_dict(client_state["guard"])
+        scale_watch.load_state_dict(client_state["scale_watch"])
+        scale_watch.after_resume()
+        log.info("resumed from %s at step %d (epoch %d)%s", client_state["_loaded_from"], engine.global_steps,
+                 train_reader.epoch, f", {len(guard.quarantined)} quarantined samples" if guard.quarantined else "")
+    metrics = MetricsSink(run_dir, rank, engine.monitor)
+
+    def run_eval(step: int) -> None:
+        result = evaluate(engine, val_reader.iter_epoch_once(), cfg.train.eval_batches)
+        log.info("eval step %d: loss %.4f  ppl %.2f  acc %.3f  (%d tokens)", step, result["loss"],
+                 result["perplexity"], result["accuracy"], result["tokens"])
+        metrics.write("eval", step, result)
+
+    def save(step: int, reader_state: dict) -> None:
+        path = checkpointer.save(engine, step, {"reader": reader_state, "guard": guard.state_dict(),
+                                                "scale_watch": scale_watch.state_dict(),
+                                                "run_config": cfg.to_dict()})
+        log.info("checkpoint %s", path)
+
+    # ---- the loop
+    step = engine.global_steps
+    start_step = step
+    if step == 0:
+        run_eval(0)
+    gas = engine.gradient_accumulation_steps()
+    tokens_per_step = micro_batch * gas * world_size * cfg.data.sequence_length
+    loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+    steps_since_log, t_log = 0, time.time()
+    while step < cfg.train.max_steps:
+        reader_state_at_step_start = train_reader.state_dict()
+        scale_watch.before_step()
+        good, attempt = 0, 0
+        try:
+            # A skipped micro-batch is replaced by the next one, so every step gets its full count.
+            while good < gas:
+                batch = train_reader.next_batch()
+                logits = engine(batch["input_ids"].to(engine.device))
+                logits = drill.apply_to_logits(logits, step + 1, last_micro_batch=good == gas - 1)
+                loss = drill.apply_to_loss(lm_loss(logits, batch["targets"].to(engine.device)), step + 1, attempt)
+                attempt += 1
+                reason = guard.check(loss, batch["sample_index"], step + 1, attempt - 1)
+                if reason is not None:
+                    log.warning("step %d: skipped a micro-batch on every rank (%s); see %s", step + 1, reason,
+                                guard.path.name)
+                    continue
+                engine.backward(loss)
+                engine.step()  # applies the optimizer only at the accumulation boundary
+                loss_sum += loss.detach().double()
+                good += 1
+            step = engine.global_steps
+            overflow = scale_watch.after_step(step)
+        except RunAborted as abort:
+            # The partial step is dropped: the checkpoint holds the last applied step and the reader
+            # position at its end, so a resume redoes this step (skipping what is now quarantined).
+            save(engine.global_steps, reader_state_at_step_start if good < gas else train_reader.state_dict())
+            log.error("%s", abort)
+            return abort.exit_code
+        if overflow is not None:
+            log.warning("step %d: optimizer step skipped by the fp16 loss scaler (overflow): scale %s -> %s, "
+                        "hysteresis left %s", step, overflow.get("scale_before"), overflow.get("scale_after"),
+                        overflow.get("hysteresis_left"))
+            metrics.write("overflow", step, overflow)
+        steps_since_log += 1
+
+        if step % cfg.train.log_interval == 0 or step == cfg.train.max_steps:
+            dist.all_reduce(loss_sum)
+            mean_loss = loss_sum.item() / (world_size * steps_since_log * gas)
+            elapsed = time.time() - t_log
+            grad_norm = engine.get_global_grad_norm()
+            grad_norm = float(grad_norm) if grad_norm is not None else None
+            record = {"loss": mean_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                      "tokens_per_s": tokens_per_step * steps_since_log / elapsed, "epoch": train_reader.epoch,
+                      **scale_watch.state(), **describe_skip_counts(guard, scale_watch)}
+            record.update({k: v.item() for k, v in model.observables().items()})
+            log.info("step %d: loss %.4f  lr %.2e  grad_norm %s  %.0f tok/s%s", step, mean_loss, record["lr"],
+                     f"{grad_norm:.3f}" if grad_norm is not None else "n/a", record["tokens_per_s"],
+                     f"  scale {record['loss_scale']:g}" if "loss_scale" in record else "")
+            if grad_norm is not None and grad_norm > cfg.stability.grad_norm_warning:
+                log.warning("step %d: gradient norm %.1f exceeds stability.grad_norm_warning=%g", step, grad_norm,
+                            cfg.stability.grad_norm_warning)
+            metrics.write("train", step, record)
+            loss_sum.zero_()
+            steps_since_log, t_log = 0, time.time()
+
+        last = step == cfg.train.max_steps
+        stopping = cfg.train.exit_after_steps and step - start_step >= cfg.train.exit_after_steps
+        if step % cfg.train.eval_interval == 0 or last:
+            run_eval(step)
+        if step % cfg.train.checkpoint_interval == 0 or last or stopping:
+            save(step, train_reader.state_dict())
+        if stopping and not last:
+            log.info("exit_after_steps=%d reached at step %d; resume with --train.resume auto",
+                     cfg.train.exit_after_steps, step)
+            break
+
+    skips = describe_skip_counts(guard, scale_watch)
+    if any(v for k, v in skips.items() if k.startswith("skipped")):
+        log.info("skipped: %s (details in %s)", skips, guard.path)
+    log.info("done at step %d. run folder: %s (checkpoints/, training.log, metrics.jsonl)", step, run_dir.resolve())
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ConfigError, DataError) as err:
+        # One sentence naming the file or field, not a traceback from deep inside a library.
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,68 @@
+"""Starting real DeepSpeed training processes from tests (2 CPU ranks, gloo)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A small real corpus (Python standard library sources) tokenized with a 512-piece tokenizer."""
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    subprocess.run([sys.executable, "-m", "data_prep.prepare", "--source", "python-stdlib", "--out_dir", str(out),
+                    "--vocab_size", "512", "--max_bytes", "400000"], cwd=ROOT, check=True, capture_output=True)
+    return out
+
+
+def write_ds_config(path: Path, base: str = "ds_configs/fp16_stable.json", **fp16) -> Path:
+    config = json.loads((ROOT / base).read_text())
+    config.setdefault("fp16", {}).update(fp16)
+    path.write_text(json.dumps(config))
+    return path
+
+
+def train(data_dir: Path, run_dir: Path, *overrides: str, ds_config: str | Path = "ds_configs/cpu.json",
+          num_procs: int = 2, expect_rc: int = 0) -> subprocess.CompletedProcess:
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
+    assert launcher, "the deepspeed launcher is not on PATH"
+    cmd = [launcher, "--num_gpus", str(num_procs), "--master_port", str(free_port()),
+           str(ROOT / "launch/train.py"), "--deepspeed_config", str(ROOT / ds_config),
+           "--config", str(ROOT / "launch/presets/tiny.yaml"),
+           "--data.data_dir", str(data_dir), "--train.out_dir", str(run_dir),
+           "--train.log_interval", "1", *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    if result.returncode != expect_rc:
+        raise AssertionError(f"rc={result.returncode} (expected {expect_rc})\n{result.stdout[-8000:]}\n"
+                             f"{result.stderr[-4000:]}")
+    return result
+
+
+def train_records(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in read_metrics(run_dir, "train")}
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {step: r["loss"] for step, r in train_records(run_dir).items()}
+
+
+def quarantine_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "skipped_batches.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
