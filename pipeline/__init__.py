@@ -1,0 +1,1 @@
+"""Hybrid liquid/spiking/Mamba LM training pipeline."""
