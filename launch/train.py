@@ -70,7 +70,7 @@ def main(argv=None) -> int:
              engine.gradient_accumulation_steps(), cfg.data.sequence_length)
 
     # ---- stability hooks: collective bad-batch skipping, loss-scale watch, fault drills
-    guard = BatchGuard(cfg.stability, run_dir, train_reader.num_samples)
+    guard = BatchGuard(cfg.stability, run_dir, train_reader)
     scale_watch = LossScaleWatch(engine, cfg.stability, ds_config)
     drill = Drill(cfg.stability)
 
@@ -109,6 +109,7 @@ def main(argv=None) -> int:
     steps_since_log, t_log = 0, time.time()
     while step < cfg.train.max_steps:
         reader_state_at_step_start = train_reader.state_dict()
+        lr = scheduler.get_last_lr()[0]  # what this step trains with; the engine steps the schedule after it
         scale_watch.before_step()
         good, attempt = 0, 0
         try:
@@ -149,14 +150,14 @@ def main(argv=None) -> int:
             elapsed = time.time() - t_log
             grad_norm = engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else None
-            record = {"loss": mean_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+            record = {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm,
                       "tokens_per_s": tokens_per_step * steps_since_log / elapsed, "epoch": train_reader.epoch,
                       **scale_watch.state(), **describe_skip_counts(guard, scale_watch)}
             record.update({k: v.item() for k, v in model.observables().items()})
             log.info("step %d: loss %.4f  lr %.2e  grad_norm %s  %.0f tok/s%s", step, mean_loss, record["lr"],
                      f"{grad_norm:.3f}" if grad_norm is not None else "n/a", record["tokens_per_s"],
                      f"  scale {record['loss_scale']:g}" if "loss_scale" in record else "")
-            if grad_norm is not None and grad_norm > cfg.stability.grad_norm_warning:
+            if overflow is None and grad_norm is not None and grad_norm > cfg.stability.grad_norm_warning:
                 log.warning("step %d: gradient norm %.1f exceeds stability.grad_norm_warning=%g", step, grad_norm,
                             cfg.stability.grad_norm_warning)
             metrics.write("train", step, record)

@@ -43,8 +43,8 @@ class ModelConfig:
     """Membrane decay per step of the LIF neurons (0 < beta < 1)."""
     num_spike_steps: int = 1
     """Sub-steps each token's input current is integrated for; the spike rate is averaged over them."""
-    spike_reset: Literal["subtract", "zero"] = "subtract"
-    """What a spike does to its membrane: subtract the threshold, or reset to zero."""
+    spike_reset: Literal["subtract", "zero", "none"] = "subtract"
+    """What a spike does to its membrane: subtract the threshold, reset to zero, or nothing."""
     surrogate: Literal["atan", "fast_sigmoid"] = "atan"
     """Surrogate gradient of the spike's step function."""
     surrogate_slope: float = 2.0
@@ -63,10 +63,15 @@ class ModelConfig:
     """Mamba causal depthwise convolution width."""
     mamba_expand: int = 2
     """Mamba inner width = expand * hidden_dim."""
+    mamba_backend: Literal["auto", "torch", "cuda"] = "auto"
+    """`auto`: mamba_ssm's CUDA kernels when on a GPU with mamba_ssm installed, else pure PyTorch;
+    `torch`: always the pure-PyTorch scan; `cuda`: require mamba_ssm (error if it cannot be imported)."""
     spike_to_mamba_method: Literal["rate", "temporal", "potential"] = "potential"
     """How spikes are encoded for the Mamba stream (all causal)."""
     spike_temporal_tau: float = 20.0
     """Time constant (tokens) of the causal exponential kernel of the `temporal` encoding."""
+    spike_rate_window: int = 10
+    """Trailing window (tokens) of the `rate` encoding's causal moving average."""
     use_adaptive_gating: bool = False
     """Fuse streams with a learned per-head sigmoid gate instead of a sum."""
     num_gate_heads: int = 4
@@ -100,6 +105,23 @@ class ModelConfig:
         _require(not self.use_adaptive_gating or self.hidden_dim % self.num_gate_heads == 0,
                  f"model.num_gate_heads ({self.num_gate_heads}) must divide model.hidden_dim ({self.hidden_dim})")
         _require(0.0 <= self.dropout < 1.0, f"model.dropout must lie in [0, 1), got {self.dropout}")
+        _require(self.liquid_units > 0 and self.spiking_units > 0,
+                 "model.liquid_units and model.spiking_units must be positive")
+        _require(self.surrogate_slope > 0, f"model.surrogate_slope must be positive, got {self.surrogate_slope}")
+        _require(self.attention_every >= 0, "model.attention_every must be 0 (none) or positive")
+        _require(self.max_position_embeddings >= 0, "model.max_position_embeddings must be 0 or positive")
+        _require(self.mamba_d_state >= 1 and self.mamba_d_conv >= 1 and self.mamba_expand >= 1,
+                 "model.mamba_d_state, model.mamba_d_conv and model.mamba_expand must be at least 1")
+        _require(self.spike_temporal_tau > 0, f"model.spike_temporal_tau must be positive, got {self.spike_temporal_tau}")
+        _require(self.spike_rate_window >= 1, "model.spike_rate_window must be at least 1")
+        _require(self.integration_mode != "bidirectional" or self.use_cross_attention,
+                 "model.integration_mode=bidirectional exchanges the streams through cross-attention, "
+                 "so it needs model.use_cross_attention=true")
+        _require(not self.use_cross_attention or self.integration_mode != "sequential",
+                 "model.use_cross_attention needs model.integration_mode parallel or bidirectional "
+                 "(sequential has a single stream)")
+        _require(self.use_mamba or not self.use_adaptive_gating,
+                 "model.use_adaptive_gating fuses the liquid and Mamba streams, so it needs model.use_mamba=true")
 
 
 @dataclass

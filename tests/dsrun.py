@@ -27,7 +27,7 @@ def tiny_data(tmp_path_factory) -> Path:
     """A small real corpus (Python standard library sources) tokenized with a 512-piece tokenizer."""
     out = tmp_path_factory.mktemp("data") / "tiny"
     subprocess.run([sys.executable, "-m", "data_prep.prepare", "--source", "python-stdlib", "--out_dir", str(out),
-                    "--vocab_size", "512", "--max_bytes", "400000"], cwd=ROOT, check=True, capture_output=True)
+                    "--vocab_size", "512", "--max_bytes", "600000", "--val_fraction", "0.2"], cwd=ROOT, check=True, capture_output=True)
     return out
 
 

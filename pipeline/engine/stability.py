@@ -51,11 +51,13 @@ def _all_gather(tensor: torch.Tensor) -> torch.Tensor:
 class BatchGuard:
     """Collective skip decision for each micro-batch, the quarantine file, and skip counters."""
 
-    def __init__(self, cfg: StabilityConfig, run_dir: Path, samples_per_epoch: int):
+    def __init__(self, cfg: StabilityConfig, run_dir: Path, reader):
+        """`reader` maps global sample ids to stream windows and documents (`window_of`, `sample_documents`);
+        the mapping is global, so any rank's reader resolves every rank's samples."""
         self.cfg = cfg
         self.rank, self.world_size = _world()
         self.path = Path(run_dir) / cfg.quarantine_file
-        self.samples_per_epoch = samples_per_epoch
+        self.reader = reader
         self.counts: Counter = Counter()  # skipped micro-batches by reason
         self.consecutive = 0
         self.accepted = 0  # micro-batches that went on to backward
@@ -63,7 +65,7 @@ class BatchGuard:
         self.quarantined = self._read_quarantine()
 
     def _read_quarantine(self) -> set[int]:
-        """Windows (sample positions within an epoch) that an earlier run of this folder found bad."""
+        """Stream windows (the same data whatever the epoch) that an earlier run of this folder found bad."""
         windows: set[int] = set()
         if not self.path.is_file():
             return windows
@@ -87,8 +89,8 @@ class BatchGuard:
         value = loss.detach().reshape(()).double()
         finite = torch.isfinite(value)
         flag_nonfinite = (~finite).double() if self.cfg.skip_nonfinite_loss else torch.zeros_like(value)
-        windows = (sample_index % self.samples_per_epoch).tolist()  # sample ids live on the host already
-        quarantined = float(any(w in self.quarantined for w in windows))
+        quarantined = float(bool(self.quarantined) and any(self.reader.window_of(s) in self.quarantined
+                                                             for s in sample_index.tolist()))
         local = torch.stack([flag_nonfinite, torch.full_like(value, quarantined), torch.where(finite, value, 0.0)])
         table = _all_gather(local).cpu()
         nonfinite_ranks = table[:, 0] > 0
@@ -125,16 +127,22 @@ class BatchGuard:
             own = (table[:, 0] > 0) if reason == "nan" else (table[:, 1] > 0)
         else:
             own = torch.ones(self.world_size, dtype=torch.bool)
+        if reason != "quarantined":  # the same data met again later in this run is skipped too
+            for rank in range(self.world_size):
+                if own[rank]:
+                    self.quarantined.update(self.reader.window_of(s) for s in indices[rank].tolist())
         if self.rank != 0:
             return
         with self.path.open("a") as f:
             for rank in range(self.world_size):
                 samples = indices[rank].tolist()
                 rank_loss = "nan/inf" if table[rank, 0] > 0 else float(table[rank, 2])
-                f.write(json.dumps({"step": step, "attempt": attempt, "rank": rank,
-                                    "reason": reason if own[rank] else PEER, "loss": rank_loss,
-                                    "samples": samples,
-                                    "windows": [s % self.samples_per_epoch for s in samples]}) + "\n")
+                record = {"step": step, "attempt": attempt, "rank": rank, "reason": reason if own[rank] else PEER,
+                          "loss": rank_loss, "samples": samples,
+                          "windows": [self.reader.window_of(s) for s in samples]}
+                if own[rank]:
+                    record["documents"] = sorted({d for s in samples for d in self.reader.sample_documents(s)})
+                f.write(json.dumps(record) + "\n")
 
     def state_dict(self) -> dict:
         return {"counts": dict(self.counts), "consecutive": self.consecutive, "accepted": self.accepted,

@@ -1,0 +1,257 @@
+"""Input documents: expanding paths/globs, the embedded Python-stdlib corpus, work units, reading.
+
+A `.jsonl` file holds one document per line (a JSON object with a text field); every other file is
+one document. Work units (`Task`) are fixed by the inputs and `task_bytes` only, never by the number
+of workers, so the output of `tokenize_shards` does not depend on how many workers ran.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import mmap
+import os
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+from pipeline.data.manifest import DataError
+
+JSONL_SUFFIXES = (".jsonl",)
+# File types picked up when an input is a directory (explicit files and globs take any file).
+DIR_SUFFIXES = (".txt", ".md", ".rst", ".py", ".jsonl")
+STDLIB_EXCLUDED_DIRS = frozenset({
+    "site-packages", "dist-packages", "test", "tests", "idle_test", "idlelib", "__pycache__",
+    "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
+})
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str
+    """Where to read it."""
+    name: str
+    """Identity used in `doc_id` (`name` for a text file, `name:line` for a jsonl line)."""
+    kind: str
+    """`text` (the file is one document) or `jsonl` (one document per line)."""
+    size: int
+
+
+@dataclass(frozen=True)
+class Task:
+    """A unit of work: several whole text files, or a line-aligned byte range of one jsonl file."""
+
+    index: int
+    kind: str
+    files: Tuple[Tuple[str, str], ...] = ()
+    """(path, name) of the text files (kind `text`)."""
+    path: str = ""
+    name: str = ""
+    start: int = 0
+    end: int = 0
+    first_line: int = 1
+    """Line number of the byte at `start` (kind `jsonl`)."""
+    nbytes: int = 0
+
+
+def _kind(path: str) -> str:
+    return "jsonl" if path.lower().endswith(JSONL_SUFFIXES) else "text"
+
+
+def expand_inputs(inputs: Union[Sequence[str], str]) -> List[InputFile]:
+    """Files, directories (recursive, files with DIR_SUFFIXES) and globs, in the given order; each
+    glob/directory sorted. A missing path or a glob matching nothing is an error."""
+    out: List[InputFile] = []
+    seen = set()
+    inputs = as_list(inputs)
+
+    def add(path: str, name: str) -> None:
+        real = os.path.realpath(path)
+        if real in seen:
+            return
+        seen.add(real)
+        out.append(InputFile(path=path, name=name, kind=_kind(path), size=os.path.getsize(path)))
+
+    for spec in inputs:
+        if any(ch in spec for ch in "*?["):
+            matches = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise DataError(f"{spec}: input pattern matches no file")
+            for p in matches:
+                add(p, os.path.normpath(p))
+        elif os.path.isdir(spec):
+            found = []
+            for dirpath, dirnames, filenames in os.walk(spec):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                found += [os.path.join(dirpath, f) for f in filenames
+                          if f.lower().endswith(DIR_SUFFIXES) and not f.startswith(".")]
+            if not found:
+                raise DataError(f"{spec}: input directory holds no {'/'.join(DIR_SUFFIXES)} file")
+            for p in sorted(found):
+                add(p, os.path.normpath(p))
+        elif os.path.isfile(spec):
+            add(spec, os.path.normpath(spec))
+        else:
+            raise DataError(f"{spec}: input file not found")
+    return out
+
+
+def python_stdlib_files(max_bytes: int = 8_000_000) -> Tuple[List[InputFile], Dict]:
+    """The running Python's own standard-library `.py` sources (no tests, IDLE, site-packages...),
+    in sorted relative-path order, each taken if it still fits in `max_bytes` (0: no cap)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise DataError(f"{root}: Python standard library folder not found")
+    rels = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in STDLIB_EXCLUDED_DIRS and not d.startswith(("config-", "."))]
+        rel_dir = Path(dirpath).relative_to(root)
+        rels += [(rel_dir / f).as_posix() for f in filenames if f.endswith(".py")]
+    files: List[InputFile] = []
+    total = 0
+    for rel in sorted(rels):
+        path = root / rel
+        size = path.stat().st_size
+        if max_bytes and total + size > max_bytes:
+            continue  # too big for what is left of the budget; smaller later files may still fit
+        files.append(InputFile(path=str(path), name=f"python-stdlib/{rel}", kind="text", size=size))
+        total += size
+    if not files:
+        raise DataError(f"{root}: no standard-library .py file fits max_bytes={max_bytes}")
+    info = {"name": "python-stdlib", "root": str(root), "python": sys.version.split()[0],
+            "files": len(files), "files_available": len(rels), "bytes": total, "max_bytes": max_bytes}
+    return files, info
+
+
+def plan_tasks(files: Sequence[InputFile], task_bytes: int = 1 << 20) -> List[Task]:
+    """Group consecutive text files into tasks of about `task_bytes`; cut jsonl files into
+    line-aligned byte ranges of about `task_bytes`. Order is preserved."""
+    task_bytes = max(1, int(task_bytes))
+    tasks: List[Task] = []
+    group: List[Tuple[str, str]] = []
+    group_bytes = 0
+
+    def close_group() -> None:
+        nonlocal group, group_bytes
+        if group:
+            tasks.append(Task(index=len(tasks), kind="text", files=tuple(group), nbytes=group_bytes))
+        group, group_bytes = [], 0
+
+    for f in files:
+        if f.kind == "text":
+            group.append((f.path, f.name))
+            group_bytes += f.size
+            if group_bytes >= task_bytes:
+                close_group()
+            continue
+        close_group()
+        size = os.path.getsize(f.path)
+        if size == 0:
+            continue
+        with open(f.path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            start, line = 0, 1
+            while start < size:
+                end = min(start + task_bytes, size)
+                if end < size:
+                    nl = mm.find(b"\n", end - 1)
+                    end = size if nl < 0 else nl + 1
+                tasks.append(Task(index=len(tasks), kind="jsonl", path=f.path, name=f.name,
+                                  start=start, end=end, first_line=line, nbytes=end - start))
+                line += mm[start:end].count(b"\n")
+                start = end
+    close_group()
+    return tasks
+
+
+def _decode(data: bytes, where: str, line_base: int = 1) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = line_base + data.count(b"\n", 0, err.start)
+        raise DataError(f"{where}:{line}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+
+
+def read_task(task: Task, text_field: str = "text") -> Tuple[List[Tuple[str, str]], int]:
+    """The task's documents as (doc_id, text), and the number of blank jsonl lines skipped."""
+    docs: List[Tuple[str, str]] = []
+    if task.kind == "text":
+        for path, name in task.files:
+            try:
+                with open(path, "rb") as handle:
+                    data = handle.read()
+            except OSError as err:
+                raise DataError(f"{path}: cannot read ({err.strerror})") from None
+            docs.append((name, _decode(data, path)))
+        return docs, 0
+    try:
+        with open(task.path, "rb") as handle:
+            handle.seek(task.start)
+            data = handle.read(task.end - task.start)
+    except OSError as err:
+        raise DataError(f"{task.path}: cannot read ({err.strerror})") from None
+    blank = 0
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    for offset, raw in enumerate(lines):
+        lineno = task.first_line + offset
+        where = f"{task.path}:{lineno}"
+        if not raw.strip():
+            blank += 1
+            continue
+        text = _decode(raw, task.path, lineno)
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(obj, dict) or text_field not in obj:
+            raise DataError(f"{where}: JSON line has no '{text_field}' field")
+        value = obj[text_field]
+        if not isinstance(value, str):
+            raise DataError(f"{where}: field '{text_field}' must be a string, got {type(value).__name__}")
+        docs.append((f"{task.name}:{lineno}", value))
+    return docs, blank
+
+
+def iter_sentences(tasks: Sequence[Task], text_field: str = "text", max_bytes: int = 0):
+    """Non-empty lines of all documents (tokenizer training input), stopping after `max_bytes`."""
+    seen = 0
+    for task in tasks:
+        docs, _ = read_task(task, text_field)
+        for _, text in docs:
+            for line in text.split("\n"):
+                if line:
+                    yield line
+            seen += len(text)
+            if max_bytes and seen >= max_bytes:
+                return
+
+
+def as_list(inputs: Union[Sequence[str], str, None]) -> List[str]:
+    """CLI convenience: `--inputs a.txt` gives a string, `--inputs '[a,b]'` / `--inputs+ a` a list."""
+    if inputs is None:
+        return []
+    return [inputs] if isinstance(inputs, str) else list(inputs)
+
+
+def resolve_files(inputs: Union[Sequence[str], str, None], source: Optional[str], max_bytes: int
+                  ) -> Tuple[List[InputFile], List[Dict]]:
+    """Files from `--source` (the embedded corpus) and/or `--inputs`, plus a description for the manifest."""
+    files: List[InputFile] = []
+    described: List[Dict] = []
+    if source is not None:
+        if source != "python-stdlib":
+            raise DataError(f"unknown --source '{source}' (known: python-stdlib)")
+        stdlib, info = python_stdlib_files(max_bytes)
+        files += stdlib
+        described.append(info)
+    inputs = as_list(inputs)
+    if inputs:
+        user = expand_inputs(inputs)
+        files += user
+        described.append({"name": "inputs", "inputs": list(inputs), "files": len(user),
+                          "bytes": sum(f.size for f in user)})
+    if not files:
+        raise DataError("no input: give --inputs FILES/GLOBS/DIRS and/or --source python-stdlib")
+    return files, described

@@ -1,0 +1,70 @@
+"""Causal attention (self and cross-stream) through scaled_dot_product_attention, with a KV cache,
+plus the RMSNorm used everywhere in the model."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 (safe for fp16 modules), cast back to the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.to(y.dtype)).to(x.dtype)
+
+
+def causal_sdpa(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
+    """q (B, h, Tq, d) attends to k/v (B, h, Tk, d) where Tk >= Tq and the queries are the last Tq
+    positions: query i sees keys j <= i + (Tk - Tq)."""
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    if Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+    if Tq == 1:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    mask = torch.ones((Tq, Tk), dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+class CausalAttention(nn.Module):
+    """Multi-head causal attention; queries from ``x``, keys/values from ``kv`` (= x for self-attention).
+
+    With a cache (a dict holding the past keys/values), new keys/values are appended and the new
+    queries attend to everything up to their own position."""
+
+    def __init__(self, dim: int, heads: int, out_std: float, dropout: float = 0.0):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.kv_proj = nn.Linear(dim, 2 * dim, bias=False)
+        self.out_proj = nn.Linear(dim, dim, bias=False)
+        self.dropout = dropout
+        for lin in (self.q_proj, self.kv_proj):
+            nn.init.normal_(lin.weight, std=0.02)
+        nn.init.normal_(self.out_proj.weight, std=out_std)
+
+    def init_state(self, batch: int, device, dtype) -> dict:
+        empty = torch.zeros((batch, self.heads, 0, self.head_dim), device=device, dtype=dtype)
+        return {"k": empty, "v": empty.clone()}
+
+    def forward(self, x: Tensor, kv: Optional[Tensor] = None, cache: Optional[dict] = None,
+                return_state: bool = False) -> Tuple[Tensor, Optional[dict]]:
+        Bsz, T, D = x.shape
+        kv = x if kv is None else kv
+        q = self.q_proj(x).view(Bsz, T, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv_proj(kv).view(Bsz, T, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            k = torch.cat([cache["k"].to(k.dtype), k], dim=2)
+            v = torch.cat([cache["v"].to(v.dtype), v], dim=2)
+        y = causal_sdpa(q, k, v, self.dropout if self.training else 0.0)
+        y = self.out_proj(y.transpose(1, 2).reshape(Bsz, T, D))
+        return y, ({"k": k, "v": v} if return_state else None)

@@ -1,0 +1,287 @@
+"""Every fast recurrence equals a plain sequential float64 reference, forward and backward."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.model.liquid import CfC, LiquidScan, lecun_tanh
+from pipeline.model.mamba import Mamba
+from pipeline.model.scan import diag_scan, diag_scan_ref, selective_scan
+from pipeline.model.spiking import LIF, SpikeEncoder, lif_spikes, lif_spikes_loop, surrogate_grad
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # toy tensors: threads only add contention
+    yield
+    torch.set_num_threads(n)
+
+f64 = torch.float64
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def grads(out, inputs, weight):
+    return torch.autograd.grad((out * weight).sum(), inputs, allow_unused=True)
+
+
+@pytest.mark.parametrize("T", [1, 5, 8, 9, 31, 100, 257])
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_diag_scan_matches_sequential_loop(T, with_h0):
+    g = torch.Generator().manual_seed(T)
+    a = torch.rand(3, T, 7, generator=g, dtype=f64).requires_grad_()
+    b = torch.randn(3, T, 7, generator=g, dtype=f64).requires_grad_()
+    h0 = torch.randn(3, 7, generator=g, dtype=f64).requires_grad_() if with_h0 else None
+    h, ref = diag_scan(a, b, h0), diag_scan_ref(a, b, h0)
+    assert rel_err(h, ref) < 1e-6
+    w = torch.randn(ref.shape, generator=g, dtype=f64)
+    ins = [a, b] + ([h0] if with_h0 else [])
+    for got, exp in zip(grads(h, ins, w), grads(ref, ins, w)):
+        assert rel_err(got, exp) < 1e-6
+
+
+def test_diag_scan_half_inputs_scan_in_float32():
+    a = torch.rand(2, 50, 4).half()
+    b = torch.randn(2, 50, 4).half()
+    h = diag_scan(a, b)
+    assert h.dtype == torch.float32
+    assert rel_err(h, diag_scan_ref(a.float(), b.float())) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Mamba: our own float64 transcription of mamba_ssm's selective_scan_ref (same argument layout)
+# ---------------------------------------------------------------------------------------------
+
+def selective_scan_ref_mamba(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                             return_last_state=False):
+    """u, delta, z: (b, d, l); A: (d, n); B, C: (b, n, l); D, delta_bias: (d,).  Real A, ungrouped."""
+    if delta_bias is not None:
+        delta = delta + delta_bias[..., None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    batch, dim, L = u.shape
+    x = A.new_zeros((batch, dim, A.shape[1]))
+    deltaA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
+    deltaB_u = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)
+    ys = []
+    for i in range(L):
+        x = deltaA[:, :, i] * x + deltaB_u[:, :, i]
+        ys.append(torch.einsum("bdn,bn->bd", x, C[:, :, i]))
+    y = torch.stack(ys, dim=2)
+    out = y if D is None else y + u * D[..., None]
+    if z is not None:
+        out = out * F.silu(z)
+    return (out, x) if return_last_state else out
+
+
+def mamba_reference_forward(m: Mamba, hidden: torch.Tensor) -> torch.Tensor:
+    """mamba_ssm Mamba.forward's slow path (no inference cache), written from its math."""
+    L = hidden.shape[1]
+    xz = (hidden @ m.in_proj.weight.t()).transpose(1, 2)          # (b, 2d, l)
+    x, z = xz.chunk(2, dim=1)
+    x = F.silu(m.conv1d(x)[..., :L])
+    x_dbl = x.transpose(1, 2) @ m.x_proj.weight.t()
+    dt, B, C = torch.split(x_dbl, [m.dt_rank, m.d_state, m.d_state], dim=-1)
+    dt = (dt @ m.dt_proj.weight.t()).transpose(1, 2)
+    A = -torch.exp(m.A_log)
+    y = selective_scan_ref_mamba(x, dt, A, B.transpose(1, 2), C.transpose(1, 2), m.D, z=z,
+                                 delta_bias=m.dt_proj.bias, delta_softplus=True)
+    return y.transpose(1, 2) @ m.out_proj.weight.t()
+
+
+MAMBA_SSM_SHAPES = {  # mamba_ssm.modules.mamba_simple.Mamba(d_model=16, d_state=8, d_conv=4, expand=2)
+    "in_proj.weight": (64, 16), "conv1d.weight": (32, 1, 4), "conv1d.bias": (32,),
+    "x_proj.weight": (1 + 16, 32), "dt_proj.weight": (32, 1), "dt_proj.bias": (32,),
+    "A_log": (32, 8), "D": (32,), "out_proj.weight": (16, 32),
+}
+
+
+def test_mamba_parameter_names_and_shapes_match_mamba_ssm():
+    m = Mamba(16, d_state=8, d_conv=4, expand=2)
+    assert {k: tuple(v.shape) for k, v in m.state_dict().items()} == MAMBA_SSM_SHAPES
+    assert torch.allclose(m.A_log[0].exp(), torch.arange(1, 9, dtype=torch.float32))  # S4D-real
+    dt = F.softplus(m.dt_proj.bias)
+    assert dt.min() >= 1e-4 - 1e-7 and dt.max() <= 0.1 + 1e-6                     # dt in [1e-3, 0.1]
+
+
+@pytest.mark.parametrize("T", [1, 7, 40])
+def test_mamba_torch_path_equals_selective_scan_ref(T):
+    torch.manual_seed(T)
+    m = Mamba(16, d_state=8, d_conv=4, expand=2, backend="torch").double()
+    with torch.no_grad():
+        m.A_log.add_(0.3 * torch.randn_like(m.A_log))
+        m.dt_proj.bias.add_(2.0)  # larger steps: decays far from 1
+    hidden = torch.randn(2, T, 16, dtype=f64, requires_grad=True)
+    out, _ = m(hidden)
+    ref = mamba_reference_forward(m, hidden)
+    assert rel_err(out, ref) < 1e-6
+    w = torch.randn_like(ref)
+    ins = [hidden] + list(m.parameters())
+    for got, exp in zip(grads(out, ins, w), grads(ref, ins, w)):
+        assert rel_err(got, exp) < 1e-6
+
+
+def test_selective_scan_state_carry_and_cpu_path_never_imports_mamba_ssm():
+    import sys
+    torch.manual_seed(0)
+    B, T, E, N = 2, 30, 6, 4
+    u, delta = torch.randn(B, T, E, dtype=f64), torch.rand(B, T, E, dtype=f64)
+    A = -torch.rand(E, N, dtype=f64) * 4
+    Bm, Cm = torch.randn(B, T, N, dtype=f64), torch.randn(B, T, N, dtype=f64)
+    y, h = selective_scan(u, delta, A, Bm, Cm)
+    y1, h1 = selective_scan(u[:, :13], delta[:, :13], A, Bm[:, :13], Cm[:, :13])
+    y2, h2 = selective_scan(u[:, 13:], delta[:, 13:], A, Bm[:, 13:], Cm[:, 13:], h1)
+    assert rel_err(torch.cat([y1, y2], 1), y) < 1e-12 and rel_err(h2, h) < 1e-12
+    assert "mamba_ssm" not in sys.modules
+
+
+# ---------------------------------------------------------------------------------------------
+# LIF
+# ---------------------------------------------------------------------------------------------
+
+def lif_reference(I, v0, beta, thr, mode, kind, slope):
+    """snntorch-style step loop: detached reset, surrogate spike gradient."""
+    v = v0
+    spikes, mems = [], []
+    for I_n in I.unbind(1):
+        u = beta * v + I_n
+        hard = (u >= thr).to(u.dtype)
+        x = u - thr
+        sg = surrogate_grad(x, kind, slope)
+        s = _STE.apply(x, hard, sg.detach())  # value: the hard spike; gradient: the surrogate
+        spikes.append(s)
+        mems.append(u)
+        if mode == "subtract":
+            v = u - thr * hard
+        elif mode == "zero":
+            v = u * (1 - hard)
+        else:
+            v = u
+    return torch.stack(spikes, 1), torch.stack(mems, 1), v
+
+
+class _STE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, hard, sg):
+        ctx.save_for_backward(sg)
+        return hard.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        (sg,) = ctx.saved_tensors
+        return g * sg, None, None
+
+
+@pytest.mark.parametrize("mode", ["subtract", "zero", "none"])
+@pytest.mark.parametrize("N", [3, 17, 200])
+def test_lif_spikes_exact(mode, N):
+    g = torch.Generator().manual_seed(N)
+    I = 0.6 * torch.rand(4, N, 32, generator=g, dtype=f64) + 0.1 * torch.randn(4, N, 32, generator=g, dtype=f64)
+    v0 = torch.randn(4, 32, generator=g, dtype=f64)
+    assert torch.equal(lif_spikes(I, v0, 0.9, 1.0, mode), lif_spikes_loop(I, v0, 0.9, 1.0, mode))
+
+
+@pytest.mark.parametrize("mode,kind", [("subtract", "atan"), ("zero", "fast_sigmoid"), ("none", "atan")])
+@pytest.mark.parametrize("K", [1, 3])
+def test_lif_layer_matches_step_loop_fwd_and_bwd(mode, kind, K):
+    torch.manual_seed(K)
+    slope = 2.0 if kind == "atan" else 25.0
+    lif = LIF(beta=0.8, threshold=0.7, num_steps=K, reset=mode, surrogate=kind, slope=slope)
+    cur = (0.3 + 0.4 * torch.randn(2, 45, 8, dtype=f64)).requires_grad_()
+    v0 = torch.randn(2, 8, dtype=f64).requires_grad_()
+    rate, mem, v_end, hard_rate = lif(cur, v0)
+    I = cur.unsqueeze(2).expand(2, 45, K, 8).reshape(2, 45 * K, 8)
+    s_ref, u_ref, v_ref = lif_reference(I, v0, 0.8, 0.7, mode, kind, slope)
+    rate_ref = s_ref.view(2, 45, K, 8).mean(2)
+    mem_ref = u_ref.view(2, 45, K, 8)[:, :, -1]
+    assert torch.equal(rate.detach(), rate_ref.detach())
+    assert rel_err(mem, mem_ref) < 1e-6 and rel_err(v_end, v_ref) < 1e-6
+    assert 0 < hard_rate.item() < 1
+    w1, w2, w3 = torch.randn_like(rate), torch.randn_like(mem), torch.randn_like(v_end)
+    loss = (rate * w1).sum() + (mem * w2).sum() + (v_end * w3).sum()
+    loss_ref = (rate_ref * w1).sum() + (mem_ref * w2).sum() + (v_ref * w3).sum()
+    for got, exp in zip(torch.autograd.grad(loss, [cur, v0]), torch.autograd.grad(loss_ref, [cur, v0])):
+        assert rel_err(got, exp) < 1e-6
+
+
+def test_lif_threshold_and_beta_are_honoured():
+    # Constant current 0.3, beta 0.5: membrane tends to 0.6, so a threshold of 0.55 fires and 0.65 never does.
+    cur = torch.full((1, 30, 1), 0.3, dtype=f64)
+    fires = LIF(0.5, 0.55, 1, "subtract", "atan", 2.0)(cur)[0]
+    silent = LIF(0.5, 0.65, 1, "subtract", "atan", 2.0)(cur)[0]
+    assert fires.sum() > 0 and silent.sum() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Liquid
+# ---------------------------------------------------------------------------------------------
+
+def test_liquid_scan_matches_loop_and_solves_the_ode():
+    torch.manual_seed(0)
+    cell = LiquidScan(6, 5).double()
+    u = torch.randn(2, 33, 6, dtype=f64, requires_grad=True)
+    h0 = torch.randn(2, 5, dtype=f64, requires_grad=True)
+    h, h_last = cell(u, h0)
+    # Sequential reference of the same exact update, and a fine RK4 integration of the ODE.
+    f_pre, v_pre = cell.in_proj(u).chunk(2, -1)
+    f, v = F.softplus(f_pre), torch.tanh(v_pre)
+    inv_tau = torch.exp(-cell.log_tau)
+    x, xs = h0, []
+    for f_t, v_t in zip(f.unbind(1), v.unbind(1)):
+        lam = inv_tau + f_t
+        a = torch.exp(-lam)
+        x = a * x + (1 - a) * f_t * v_t / lam
+        xs.append(x)
+    ref = torch.stack(xs, 1)
+    assert rel_err(h, ref) < 1e-6 and rel_err(h_last, ref[:, -1]) < 1e-6
+    w = torch.randn_like(ref)
+    for got, exp in zip(grads(h, [u, h0, cell.log_tau], w), grads(ref, [u, h0, cell.log_tau], w)):
+        assert rel_err(got, exp) < 1e-6
+    with torch.no_grad():
+        x = h0.clone()
+        n = 400
+        for t in range(5):
+            rhs = lambda y: -y * inv_tau + f[:, t] * (v[:, t] - y)  # noqa: E731
+            for _ in range(n):
+                k1 = rhs(x); k2 = rhs(x + 0.5 / n * k1); k3 = rhs(x + 0.5 / n * k2); k4 = rhs(x + k3 / n)
+                x = x + (k1 + 2 * k2 + 2 * k3 + k4) / (6 * n)
+            assert rel_err(h[:, t].detach(), x) < 1e-6
+
+
+def test_cfc_matches_ncps_cell_equations():
+    torch.manual_seed(0)
+    cell = CfC(4, 3, backbone_units=6).double()
+    u = torch.randn(2, 9, 4, dtype=f64)
+    hs, h_last = cell(u)
+    h = torch.zeros(2, 3, dtype=f64)
+    for t in range(9):
+        x = lecun_tanh(cell.backbone(torch.cat([u[:, t], h], -1)))
+        gate = torch.sigmoid(cell.time_a(x) * 1.0 + cell.time_b(x))
+        h = torch.tanh(cell.ff1(x)) * (1 - gate) + gate * torch.tanh(cell.ff2(x))
+        assert rel_err(hs[:, t], h) < 1e-9
+    assert rel_err(h_last, h) < 1e-9
+
+
+# ---------------------------------------------------------------------------------------------
+# Spike encoders
+# ---------------------------------------------------------------------------------------------
+
+def test_spike_encoders_are_causal_filters():
+    torch.manual_seed(0)
+    s = (torch.rand(2, 40, 3) < 0.3).double()
+    rate, _ = SpikeEncoder("rate", 20.0, 10)(s, s)
+    for t in range(40):
+        assert torch.allclose(rate[:, t], s[:, max(0, t - 9): t + 1].sum(1) / 10)
+    temporal, _ = SpikeEncoder("temporal", 5.0, 10)(s, s)
+    rho = math.exp(-1 / 5.0)
+    for t in (0, 7, 39):
+        k = torch.tensor([rho ** (t - j) for j in range(t + 1)], dtype=f64)
+        assert torch.allclose(temporal[:, t], (1 - rho) * torch.einsum("j,bjs->bs", k, s[:, : t + 1]))
+    mem = torch.randn(2, 40, 3, dtype=f64)
+    assert torch.equal(SpikeEncoder("potential", 5.0, 10)(s, mem)[0], mem)
