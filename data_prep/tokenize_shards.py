@@ -245,8 +245,10 @@ def _run_tasks(tasks: Sequence[Task], init_args, num_workers: int, verbose: bool
         finally:
             _W.clear()
         return results
-    # spawn: safe even when the caller has threads (torch, pytest); workers import only this module's deps.
-    ctx = multiprocessing.get_context("spawn")
+    # fork where the OS has it: workers need no re-import of the caller's __main__ (which breaks for
+    # stdin/notebook callers under spawn); they only run SentencePiece/pyarrow, never torch.
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     with ctx.Pool(min(num_workers, len(tasks)), initializer=_init_worker, initargs=init_args) as pool:
         for task, result in zip(tasks, pool.imap(_tokenize_task, tasks, chunksize=1)):
             results.append(result)

@@ -27,7 +27,7 @@ from pipeline.engine.evaluation import evaluate, lm_loss
 from pipeline.engine.stability import BatchGuard, Drill, LossScaleWatch, RunAborted, describe_skip_counts
 from pipeline.engine.setup import (check_precision_supported, configure_cpu_threads, initialize,
                                    load_deepspeed_config, precision_of)
-from pipeline.metrics import MetricsSink, setup_logging
+from pipeline.metrics import MetricsSink, read_metrics, setup_logging
 from pipeline.model import HybridLM
 from pipeline.run_config import parse_run_config
 
@@ -64,6 +64,10 @@ def main(argv=None) -> int:
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
         shutil.copyfile(train_reader.tokenizer_path, run_dir / "tokenizer.model")
+    d = train_reader.describe()
+    log.info("data: %d train documents, %d tokens -> %d samples/epoch (dropped per epoch: %d samples, %d tail "
+             "tokens); validation: %d documents, %d tokens", d["documents"], d["stream_tokens"], d["num_samples"],
+             d["samples_dropped_per_epoch"], d["tail_tokens_dropped"], val_reader.num_documents, val_reader.num_tokens)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2fM parameters, %s, ZeRO-2 on %d ranks (%s), micro batch %d x accumulation %d x seq %d",
              n_params / 1e6, precision_of(ds_config), world_size, engine.device, micro_batch,
@@ -178,7 +182,13 @@ def main(argv=None) -> int:
     skips = describe_skip_counts(guard, scale_watch)
     if any(v for k, v in skips.items() if k.startswith("skipped")):
         log.info("skipped: %s (details in %s)", skips, guard.path)
-    log.info("done at step %d. run folder: %s (checkpoints/, training.log, metrics.jsonl)", step, run_dir.resolve())
+    evals = read_metrics(run_dir, "eval") if rank == 0 else []
+    if len(evals) >= 2:
+        log.info("validation loss %.4f (step %d) -> %.4f (step %d)", evals[0]["loss"], evals[0]["step"],
+                 evals[-1]["loss"], evals[-1]["step"])
+    log.info("done at step %d. run folder: %s", step, run_dir.resolve())
+    log.info("  checkpoints: %s  log: %s  metrics: %s", checkpointer.dir, run_dir / "training.log",
+             run_dir / "metrics.jsonl")
     return 0
 
 
