@@ -47,10 +47,14 @@ def main(argv=None) -> int:
 
     # ---- data: each rank reads its own slice of the packed token stream
     micro_batch = ds_config["train_micro_batch_size_per_gpu"]
+    # One process per node hashes the shards (every rank checks their sizes): nodes may hold their own copies.
+    verify = int(os.environ.get("LOCAL_RANK", "0")) == 0
     train_reader = PackedReader(cfg.data.data_dir, split="train", sequence_length=cfg.data.sequence_length,
-                                micro_batch_size=micro_batch, seed=cfg.data.seed, rank=rank, world_size=world_size)
+                                micro_batch_size=micro_batch, seed=cfg.data.seed, rank=rank, world_size=world_size,
+                                verify_checksums=verify)
     val_reader = PackedReader(cfg.data.data_dir, split="validation", sequence_length=cfg.data.sequence_length,
-                              micro_batch_size=micro_batch, seed=cfg.data.seed, rank=rank, world_size=world_size)
+                              micro_batch_size=micro_batch, seed=cfg.data.seed, rank=rank, world_size=world_size,
+                              verify_checksums=verify)
     if train_reader.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
                           f"({train_reader.vocab_size}) of {cfg.data.data_dir}/manifest.json")

@@ -79,8 +79,7 @@ class PackedReader:
         self.samples_dropped = self.num_windows - self.num_samples
         self.epoch = 0
         self.position = 0  # micro-batches consumed by each rank in the current epoch
-        self._perm_epoch = -1
-        self._perm: Optional[np.ndarray] = None
+        self._perms: Dict[int, np.ndarray] = {}
 
     # ---- opening shards -----------------------------------------------------------------
     def _open(self, verify_checksums: bool) -> None:
@@ -198,10 +197,15 @@ class PackedReader:
 
     # ---- order ---------------------------------------------------------------------------
     def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng((self.seed, epoch)).permutation(self.num_windows)
-            self._perm_epoch = epoch
-        return self._perm
+        """Window order of an epoch; the two most recent epochs are cached (look-ups of samples
+        from the previous epoch, e.g. quarantine, do not evict the current one)."""
+        perm = self._perms.get(epoch)
+        if perm is None:
+            perm = np.random.default_rng((self.seed, epoch)).permutation(self.num_windows)
+            if len(self._perms) >= 2:
+                self._perms.pop(next(iter(self._perms)))
+            self._perms[epoch] = perm
+        return perm
 
     def window_of(self, sample_index: int) -> int:
         """Window index (stream offset / (L+1)) of a global sample index."""
