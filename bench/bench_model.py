@@ -181,6 +181,54 @@ def profile(spec: str, threads: int) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
 
 
+def components(threads: int) -> None:
+    """fwd+bwd of each recurrence: the blocked form used by the model vs its sequential reference."""
+    from pipeline.model.liquid import CfC, LiquidScan
+    from pipeline.model.scan import diag_scan, diag_scan_ref, selective_scan, selective_scan_ref
+    from pipeline.model.spiking import lif_spikes
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+
+    def t_fb(fn, *inputs, reps=3):
+        best = float("inf")
+        for _ in range(reps):
+            for x in inputs:
+                x.grad = None
+            t = time.perf_counter()
+            out = fn()
+            out = out[0] if isinstance(out, tuple) else out
+            if out.requires_grad:
+                out.sum().backward()
+            best = min(best, time.perf_counter() - t)
+        return best * 1e3
+
+    print(f"components, {threads} threads, fwd+bwd ms (best of 3)")
+    for B, T, D in [(8, 1024, 512), (32, 256, 64)]:
+        a = torch.rand(B, T, D).requires_grad_()
+        b = torch.randn(B, T, D).requires_grad_()
+        print(f"  diag scan B{B} T{T} D{D}: blocked {t_fb(lambda: diag_scan(a, b), a, b):8.1f} | "
+              f"unbind loop {t_fb(lambda: diag_scan_ref(a, b), a, b):8.1f}")
+    for B, T, E, N in [(32, 256, 256, 32), (4, 1024, 1280, 32)]:
+        ins = [torch.randn(B, T, E), 0.1 * torch.rand(B, T, E), -8 * torch.rand(E, N),
+               torch.randn(B, T, N), torch.randn(B, T, N)]
+        ins = [x.requires_grad_() for x in ins]
+        fast = t_fb(lambda: selective_scan(*ins), *ins)
+        ref = t_fb(lambda: selective_scan_ref(*ins), *ins, reps=1)
+        print(f"  selective scan B{B} T{T} E{E} N{N}: blocked {fast:8.1f} | unbind loop (ref) {ref:8.1f}")
+    for B, T, S, beta in [(32, 256, 32, 0.95), (8, 1024, 128, 0.95), (8, 1024, 128, 0.5)]:
+        sig = 0.5 * math.sqrt(1 - beta ** 2)
+        current = 0.5 * (1 - beta) + sig * torch.randn(B, T, S)
+        loop = t_fb(lambda: lif_spikes(current, None, beta, 1.0, "subtract", method="loop"))
+        chunked = t_fb(lambda: lif_spikes(current, None, beta, 1.0, "subtract", method="chunked"))
+        print(f"  LIF spike decision B{B} T{T} S{S} beta {beta}: loop {loop:8.1f} | chunked {chunked:8.1f}")
+    for B, T, H, L in [(32, 256, 160, 64), (8, 1024, 640, 256)]:
+        u = torch.randn(B, T, H).requires_grad_()
+        scan, cfc = LiquidScan(H, L), CfC(H, L)
+        print(f"  liquid B{B} T{T} in{H} units{L}: scan {t_fb(lambda: scan(u), u):8.1f} | "
+              f"cfc {t_fb(lambda: cfc(u), u, reps=1):8.1f}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="small,base")
@@ -190,7 +238,11 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up); median reported")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--profile", default=None, help="SIZE:SEQ, e.g. small:256: print an op profile instead")
+    p.add_argument("--components", action="store_true", help="time each recurrence vs its reference instead")
     args = p.parse_args(argv)
+    if args.components:
+        components(args.threads)
+        return
     if args.profile:
         profile(args.profile, args.threads)
         return

@@ -154,7 +154,7 @@ class TrainConfig:
     warmup_steps: int = 20
     """Linear warmup steps; the first step already trains at lr/warmup_steps, never at 0."""
     weight_decay: float = 0.1
-    """AdamW weight decay (norms, biases, embeddings' positions, A_log and D are exempt)."""
+    """AdamW weight decay (norms, biases, embeddings and the tied head, A_log and D are exempt)."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.95

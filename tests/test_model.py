@@ -52,17 +52,19 @@ def tiny_cfg(**kw) -> ModelConfig:
 
 
 def combos():
+    """Every stream combination x every encoding x both liquid backbones; the remaining options
+    (reset, surrogate, sub-steps, positions) rotate through their values."""
     out = []
-    for i, (mamba, mode, cross, gate) in enumerate(STREAMS):
-        out.append(dict(use_mamba=mamba, integration_mode=mode, use_cross_attention=cross,
-                        use_adaptive_gating=gate, spike_to_mamba_method=ENCODINGS[i % 3],
-                        liquid_backbone=BACKBONES[i % 2], spike_reset=RESETS[i % 3],
-                        surrogate=SURROGATES[(i // 2) % 2], num_spike_steps=1 + i % 2,
-                        max_position_embeddings=64 if i % 4 == 0 else 0))
-    # Each encoding in each two-stream mode as well.
-    for mode in ("parallel", "bidirectional"):
-        for enc in ENCODINGS:
-            out.append(dict(integration_mode=mode, use_cross_attention=True, spike_to_mamba_method=enc))
+    i = 0
+    for mamba, mode, cross, gate in STREAMS:
+        for enc in (ENCODINGS if mamba else ENCODINGS[:1]):
+            for backbone in BACKBONES:
+                out.append(dict(use_mamba=mamba, integration_mode=mode, use_cross_attention=cross,
+                                use_adaptive_gating=gate, spike_to_mamba_method=enc,
+                                liquid_backbone=backbone, spike_reset=RESETS[i % 3],
+                                surrogate=SURROGATES[(i // 3) % 2], num_spike_steps=1 + i % 2,
+                                max_position_embeddings=64 if i % 4 == 0 else 0))
+                i += 1
     return out
 
 

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from pipeline.model.liquid import CfC, LiquidScan, lecun_tanh
 from pipeline.model.mamba import Mamba
 from pipeline.model.scan import diag_scan, diag_scan_ref, selective_scan
-from pipeline.model.spiking import LIF, SpikeEncoder, lif_spikes, lif_spikes_loop, surrogate_grad
+from pipeline.model import kernels
+from pipeline.model.spiking import LIF, SpikeEncoder, lif_spikes, surrogate_grad
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -178,13 +179,29 @@ class _STE(torch.autograd.Function):
         return g * sg, None, None
 
 
+def lif_spikes_naive(I, v0, beta, thr, mode):
+    v, out = v0, []
+    for n in range(I.shape[1]):
+        u = beta * v + I[:, n]
+        s = (u >= thr).to(I.dtype)
+        out.append(s)
+        v = u - thr * s if mode == "subtract" else (u * (1 - s) if mode == "zero" else u)
+    return torch.stack(out, 1)
+
+
 @pytest.mark.parametrize("mode", ["subtract", "zero", "none"])
 @pytest.mark.parametrize("N", [3, 17, 200])
-def test_lif_spikes_exact(mode, N):
+@pytest.mark.parametrize("beta", [0.5, 0.95])
+@pytest.mark.parametrize("dtype", [f64, torch.float32])
+def test_lif_spike_decision_is_exact_for_every_method(mode, N, beta, dtype):
     g = torch.Generator().manual_seed(N)
-    I = 0.6 * torch.rand(4, N, 32, generator=g, dtype=f64) + 0.1 * torch.randn(4, N, 32, generator=g, dtype=f64)
-    v0 = torch.randn(4, 32, generator=g, dtype=f64)
-    assert torch.equal(lif_spikes(I, v0, 0.9, 1.0, mode), lif_spikes_loop(I, v0, 0.9, 1.0, mode))
+    I = ((1 - beta) * (0.6 + 2 * torch.randn(4, N, 32, generator=g, dtype=f64))).to(dtype)
+    v0 = torch.randn(4, 32, generator=g, dtype=f64).to(dtype)
+    ref = lif_spikes_naive(I, v0, beta, 1.0, mode)
+    assert 0 < ref.mean() < 1
+    assert kernels.load("lif_sweep") is not None, "the fused CPU kernel must build where the tests run"
+    for method in ("auto", "loop", "chunked"):
+        assert torch.equal(lif_spikes(I, v0, beta, 1.0, mode, method=method), ref), method
 
 
 @pytest.mark.parametrize("mode,kind", [("subtract", "atan"), ("zero", "fast_sigmoid"), ("none", "atan")])

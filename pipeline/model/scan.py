@@ -159,6 +159,55 @@ def _ss_unlayout(x: Tensor, T: int) -> Tensor:
     return x.permute(1, 2, 0, 3).reshape(Bsz, nc * Q, D)[:, :T]
 
 
+# Per-step working set of the selective scan (elements of one (B, nc, E, N) slab): small enough to
+# stay in the last-level cache, which matters more on CPU than the number of Python steps.
+_SLAB = 1 << 20
+# Materialise all decays exp(delta A) once (instead of recomputing them in every pass) up to this
+# many elements; beyond it they are recomputed per step to bound memory.
+_CACHE_DECAYS = 1 << 27
+
+
+def _ss_chunk(T: int, row: int) -> int:
+    """Chunk length for a selective scan whose per-token state has ``row`` elements (B * E * N)."""
+    return min(T, max(chunk_size(T), -(-T * row // _SLAB)))
+
+
+_WORKSPACE: dict = {}
+
+
+def _workspace(name: str, shape, like: Tensor) -> Tensor:
+    """A reusable scratch buffer (contents undefined).  Large fresh allocations on CPU are mmap-ed
+    and page-faulted on every call, which costs as much as the arithmetic; reusing them does not."""
+    numel = math.prod(shape)
+    key = (name, like.dtype, like.device)
+    buf = _WORKSPACE.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+        _WORKSPACE[key] = buf
+    return buf[:numel].view(shape)
+
+
+def clear_workspace() -> None:
+    """Free the scratch buffers kept between calls (they hold about B*T*E*N floats per kind)."""
+    _WORKSPACE.clear()
+
+
+class _Decays:
+    """exp(delta_q A) for position q of every chunk, optionally materialised once in a workspace."""
+
+    def __init__(self, dl: Tensor, A: Tensor, cache: bool):
+        self.dl, self.A = dl, A
+        self.full = None
+        if cache and dl.numel() * A.shape[1] <= _CACHE_DECAYS:
+            self.full = _workspace("decays", (*dl.shape, A.shape[1]), dl)
+            torch.mul(dl.unsqueeze(-1), A, out=self.full).exp_()
+
+    def __getitem__(self, q: int) -> Tensor:
+        if self.full is not None:
+            return self.full[q]
+        return torch.exp(self.dl[q].unsqueeze(-1) * self.A)
+
+
 class _SelectiveScan(torch.autograd.Function):
     """y_t[e] = sum_n C_t[n] h_t[e, n],  h_t = exp(delta_t[e] A[e, n]) h_{t-1} + delta_t[e] u_t[e] B_t[n].
 
@@ -170,7 +219,7 @@ class _SelectiveScan(torch.autograd.Function):
     def forward(ctx, u, delta, A, Bm, Cm, h0):
         Bsz, T, E = u.shape
         N = A.shape[1]
-        Q = chunk_size(T)
+        Q = _ss_chunk(T, Bsz * E * N)
         nc = -(-T // Q)
         pad = nc * Q - T
         # Padded steps have delta = 0: decay 1, input 0, so they carry the state unchanged.
@@ -178,25 +227,30 @@ class _SelectiveScan(torch.autograd.Function):
         du = _ss_layout(delta * u, nc, Q, pad)        # (Q, B, nc, E)
         Bl = _ss_layout(Bm, nc, Q, pad)               # (Q, B, nc, N)
         Cl = _ss_layout(Cm, nc, Q, pad)
+        dA = _Decays(dl, A, cache=True)
         # Pass 1: local chunk end states from zero, and the chunks' total decays.
-        s = torch.zeros((Bsz, nc, E, N), dtype=u.dtype, device=u.device)
-        for q in range(Q):
-            s.mul_(torch.exp(dl[q].unsqueeze(-1) * A))
-            s.addcmul_(du[q].unsqueeze(-1), Bl[q].unsqueeze(-2))
-        P = torch.exp(dl.sum(0).unsqueeze(-1) * A)    # (B, nc, E, N)
-        ends = _scan_core(P.view(Bsz, nc, E * N), s.view(Bsz, nc, E * N),
-                          h0.reshape(Bsz, E * N) if h0 is not None else None).view(Bsz, nc, E, N)
-        carry = torch.empty_like(s)
-        carry[:, 1:] = ends[:, :-1]
-        carry[:, 0] = h0 if h0 is not None else 0.0
-        h_last = ends[:, -1].clone()
+        if nc > 1:
+            s = torch.zeros((Bsz, nc, E, N), dtype=u.dtype, device=u.device)
+            for q in range(Q):
+                s.mul_(dA[q])
+                s.addcmul_(du[q].unsqueeze(-1), Bl[q].unsqueeze(-2))
+            P = torch.exp(dl.sum(0).unsqueeze(-1) * A)    # (B, nc, E, N)
+            ends = _scan_core(P.view(Bsz, nc, E * N), s.view(Bsz, nc, E * N),
+                              h0.reshape(Bsz, E * N) if h0 is not None else None).view(Bsz, nc, E, N)
+            carry = torch.empty_like(s)
+            carry[:, 1:] = ends[:, :-1]
+            carry[:, 0] = h0 if h0 is not None else 0.0
+        else:
+            carry = (h0.unsqueeze(1).clone() if h0 is not None
+                     else torch.zeros((Bsz, 1, E, N), dtype=u.dtype, device=u.device))
         # Pass 2: rerun from exact carries, contracting with C as we go.
         y = torch.empty((Q, Bsz, nc, E), dtype=u.dtype, device=u.device)
         h = carry.clone()
         for q in range(Q):
-            h.mul_(torch.exp(dl[q].unsqueeze(-1) * A))
+            h.mul_(dA[q])
             h.addcmul_(du[q].unsqueeze(-1), Bl[q].unsqueeze(-2))
             torch.matmul(h, Cl[q].unsqueeze(-1), out=y[q].unsqueeze(-1))
+        h_last = h[:, -1].clone()
         ctx.save_for_backward(u, delta, A, Bm, Cm, carry)
         ctx.has_h0 = h0 is not None
         ctx.meta = (Q, nc, pad)
@@ -216,46 +270,46 @@ class _SelectiveScan(torch.autograd.Function):
         Bl = _ss_layout(Bm, nc, Q, pad)
         Cl = _ss_layout(Cm, nc, Q, pad)
         gyl = _ss_layout(gy.contiguous(), nc, Q, pad)
-        # Recompute all states (one (Q, B, nc, E, N) buffer, alive during this backward only).
-        H = torch.empty((Q, Bsz, nc, E, N), dtype=u.dtype, device=u.device)
+        dA = _Decays(dl, A, cache=True)
+        # Recompute all states (one (Q, B, nc, E, N) buffer, reused across calls).
+        H = _workspace("states", (Q, Bsz, nc, E, N), u)
         h = carry
         for q in range(Q):
-            h = torch.addcmul(torch.exp(dl[q].unsqueeze(-1) * A) * h, du[q].unsqueeze(-1),
-                              Bl[q].unsqueeze(-2), out=H[q])
+            h = torch.mul(h, dA[q], out=H[q])
+            h.addcmul_(du[q].unsqueeze(-1), Bl[q].unsqueeze(-2))
         # Let G_t = dL/dh_{t-1} through the recurrence = dA_t * (G_{t+1} + C_t gy_t).
-        # Pass 1 (reverse): local G at each chunk's first position from a zero incoming gradient.
-        s = torch.zeros((Bsz, nc, E, N), dtype=u.dtype, device=u.device)
-        for q in range(Q - 1, -1, -1):
-            s.addcmul_(gyl[q].unsqueeze(-1), Cl[q].unsqueeze(-2))
-            s.mul_(torch.exp(dl[q].unsqueeze(-1) * A))
-        P = torch.exp(dl.sum(0).unsqueeze(-1) * A)
-        g_end = gh_last.reshape(Bsz, E * N) if gh_last is not None else None
-        starts = _scan_core(P.view(Bsz, nc, E * N), s.view(Bsz, nc, E * N), g_end,
-                            reverse=True).view(Bsz, nc, E, N)
-        Gin = torch.empty_like(s)
-        Gin[:, :-1] = starts[:, 1:]
+        Gin = torch.zeros((Bsz, nc, E, N), dtype=u.dtype, device=u.device)
         if gh_last is not None:
             Gin[:, -1] = gh_last
-        else:
-            Gin[:, -1] = 0.0
+        if nc > 1:
+            # Pass 1 (reverse): local G at each chunk's first position from a zero incoming gradient.
+            s = torch.zeros((Bsz, nc, E, N), dtype=u.dtype, device=u.device)
+            for q in range(Q - 1, -1, -1):
+                s.addcmul_(gyl[q].unsqueeze(-1), Cl[q].unsqueeze(-2))
+                s.mul_(dA[q])
+            P = torch.exp(dl.sum(0).unsqueeze(-1) * A)
+            g_end = gh_last.reshape(Bsz, E * N) if gh_last is not None else None
+            starts = _scan_core(P.view(Bsz, nc, E * N), s.view(Bsz, nc, E * N), g_end,
+                                reverse=True).view(Bsz, nc, E, N)
+            Gin[:, :-1] = starts[:, 1:]
         # Pass 2 (reverse): exact gradients, position by position across all chunks.
         g_du = torch.empty((Q, Bsz, nc, E), dtype=u.dtype, device=u.device)
         g_B = torch.empty((Q, Bsz, nc, N), dtype=u.dtype, device=u.device)
         g_C = torch.empty((Q, Bsz, nc, N), dtype=u.dtype, device=u.device)
         g_dlogA = torch.empty((Q, Bsz, nc, E), dtype=u.dtype, device=u.device)
         accA = torch.zeros((Bsz, nc, E, N), dtype=u.dtype, device=u.device)
+        X = torch.empty((Bsz, nc, E, N), dtype=u.dtype, device=u.device)
         G = Gin
         for q in range(Q - 1, -1, -1):
             gh = torch.addcmul(G, gyl[q].unsqueeze(-1), Cl[q].unsqueeze(-2))   # dL/dh_q
-            hq = H[q]
-            h_prev = H[q - 1] if q > 0 else carry
-            torch.matmul(gyl[q].unsqueeze(-2), hq, out=g_C[q].unsqueeze(-2))
+            torch.matmul(gyl[q].unsqueeze(-2), H[q], out=g_C[q].unsqueeze(-2))
             torch.matmul(gh, Bl[q].unsqueeze(-1), out=g_du[q].unsqueeze(-1))
             torch.matmul(du[q].unsqueeze(-2), gh, out=g_B[q].unsqueeze(-2))
-            G = gh.mul_(torch.exp(dl[q].unsqueeze(-1) * A))                    # dL/dh_{q-1}
-            X = G * h_prev                                                      # dL/d(delta_q A)
-            torch.sum(X * A, dim=-1, out=g_dlogA[q])
+            G = gh.mul_(dA[q])                                                  # dL/dh_{q-1}
+            torch.mul(G, H[q - 1] if q > 0 else carry, out=X)                   # dL/d(delta_q A)
             accA.addcmul_(X, dl[q].unsqueeze(-1))
+            X.mul_(A)
+            torch.sum(X, dim=-1, out=g_dlogA[q])
         g_du = _ss_unlayout(g_du, T)
         g_u = g_du * delta
         g_delta = g_du * u + _ss_unlayout(g_dlogA, T)

@@ -9,17 +9,25 @@ its input current held constant, so a sequence of T tokens is T*K sub-steps):
 
 The reset is detached from the gradient (as in snntorch), and the spike's gradient is a surrogate.
 
-How this avoids a per-token Python loop (the reset makes the membrane nonlinear):
+How the sequence is processed (the reset makes the membrane nonlinear):
 
-1. *Which* neurons spike is decided without gradients by :func:`lif_spikes`.  It runs all chunks of
-   ~sqrt(T*K) sub-steps at once from guessed incoming membranes, then recomputes the exact membrane
-   implied by those spikes with one blocked linear scan and checks every spike against it.  The first
-   chunk that disagrees had a wrong incoming membrane; the exact membranes at the chunk edges become
-   the next guesses and the chunks are rerun.  Each round fixes at least one more chunk, so it is
-   exact; in practice membranes forget their start within a chunk and 2-3 rounds suffice.
+1. *Which* neurons spike is a threshold decision with no gradient.  :func:`lif_spikes` makes it with
+   a sequential sweep over the T*K sub-steps that carries no autograd graph.  On CPU the sweep is a
+   fused C++ kernel (`kernels/lif_sweep.cpp`: one pass per batch row, 0.06 ms where the tensor-op
+   loop took 2.8 ms for B8 x 256 x 32); elsewhere, or without a compiler, it is a loop of three
+   in-place ops on a (B, S) slab per sub-step, time-major so every slab is contiguous (on CUDA this
+   loop is launch-bound: a CUDA kernel is the follow-up).  The sweep was chosen because it
+   measured fastest: an exact *chunked* alternative
+   (``method="chunked"``: all chunks of ~sqrt(T*K) sub-steps run at once from guessed incoming
+   membranes, the exact membrane implied by those spikes is recomputed with one blocked linear scan,
+   every spike is checked against it, and the chunks are rerun from the corrected edge membranes
+   until nothing changes; each round fixes at least one more chunk) needs ~10 rounds at beta = 0.95
+   because the membranes remember across chunks, and was 3-5x slower (bench numbers in
+   docs/MODEL.md).  At beta <= 0.5 both cost the same.
 2. Given those (detached) spikes the membrane is a *linear* recurrence in the input current:
    subtract: U_n = beta U_{n-1} + I_n - beta*thr*S_{n-1};  zero: U_n = beta (1 - S_{n-1}) U_{n-1} + I_n.
-   It is computed, differentiably, with the blocked :func:`diag_scan`.
+   It is computed, differentiably, with the blocked :func:`diag_scan` (no per-token loop), and so is
+   the backward pass.
 3. The spikes' values are the hard spikes; their gradient is the surrogate at U - threshold.
 """
 from __future__ import annotations
@@ -31,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .kernels import lif_sweep
 from .scan import _scan_core, chunk_size, compute_dtype, diag_scan
 
 
@@ -74,15 +83,21 @@ def _reset(u: Tensor, s: Tensor, thr: float, mode: str) -> Tensor:
 
 
 def lif_spikes_loop(I: Tensor, v0: Optional[Tensor], beta: float, thr: float, mode: str) -> Tensor:
-    """Sequential reference: hard spikes of I (B, N, S) step by step."""
-    v = v0 if v0 is not None else torch.zeros_like(I[:, 0])
-    out = torch.empty_like(I)
-    for n in range(I.shape[1]):
-        u = beta * v + I[:, n]
-        s = (u >= thr).to(I.dtype)
-        out[:, n] = s
-        v = _reset(u, s, thr, mode)
-    return out
+    """Hard spikes of I (B, N, S), sub-step by sub-step (no autograd; time-major, in place)."""
+    It = I.transpose(0, 1).contiguous()                        # (N, B, S)
+    out = torch.empty_like(It)
+    v = v0.clone() if v0 is not None else torch.zeros_like(It[0])
+    for n in range(It.shape[0]):
+        u = torch.add(It[n], v, alpha=beta)
+        s = out[n]
+        s.copy_(u >= thr)
+        if mode == "subtract":
+            v = u.sub_(s, alpha=thr)
+        elif mode == "zero":
+            v = u.mul_(1 - s)
+        else:
+            v = u
+    return out.transpose(0, 1)
 
 
 def _membrane_coeffs(I: Tensor, S: Tensor, beta: float, thr: float, mode: str):
@@ -97,10 +112,18 @@ def _membrane_coeffs(I: Tensor, S: Tensor, beta: float, thr: float, mode: str):
 
 @torch.no_grad()
 def lif_spikes(I: Tensor, v0: Optional[Tensor], beta: float, thr: float, mode: str,
-               max_rounds: Optional[int] = None) -> Tensor:
-    """Exact hard spikes of the LIF recurrence for I (B, N, S) (see the module docstring)."""
+               method: str = "auto", max_rounds: Optional[int] = None) -> Tensor:
+    """Exact hard spikes of the LIF recurrence for I (B, N, S) (see the module docstring).
+
+    `auto`: the fused CPU kernel (one pass over time per batch row, ~50x the tensor-op loop) on CPU,
+    the tensor-op loop elsewhere; `loop`; `chunked`."""
     Bsz, N, S = I.shape
-    if N <= 16:
+    if method == "auto":
+        fused = lif_sweep(I, v0 if v0 is not None else I.new_zeros((Bsz, S)), beta, thr, mode)
+        if fused is not None:
+            return fused
+        method = "loop"
+    if method == "loop" or N <= 16:
         return lif_spikes_loop(I, v0, beta, thr, mode)
     Q = chunk_size(N)
     nc = -(-N // Q)

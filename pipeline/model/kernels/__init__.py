@@ -1,0 +1,50 @@
+"""Small fused CPU kernels, compiled on first use with the machine's C++ compiler (cached afterwards).
+
+DeepSpeed already needs that compiler on CPU machines (it JIT-builds its shared-memory comm op), so
+this adds no new requirement; if the build fails anyway, callers fall back to tensor ops with one
+warning, never silently.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+_HERE = Path(__file__).resolve().parent
+_modules: dict = {}
+
+
+def load(name: str):
+    """The compiled extension `name` (from `<name>.cpp` here), or None if it cannot be built."""
+    if name in _modules:
+        return _modules[name]
+    module = None
+    if os.environ.get("PIPELINE_DISABLE_CPP_KERNELS", "0") != "1":
+        try:
+            from torch.utils.cpp_extension import load as build
+
+            module = build(name=f"pipeline_{name}", sources=[str(_HERE / f"{name}.cpp")],
+                           extra_cflags=["-O3"], verbose=False)
+        except Exception as err:  # a missing compiler must not stop training: say so once, run slower
+            log.warning("could not build the fused %s kernel (%s); using the tensor-op loop instead", name,
+                        str(err).splitlines()[0] if str(err) else type(err).__name__)
+    _modules[name] = module
+    return module
+
+
+_MODES = {"subtract": 0, "zero": 1, "none": 2}
+
+
+def lif_sweep(I: torch.Tensor, v0: torch.Tensor, beta: float, thr: float, mode: str) -> Optional[torch.Tensor]:
+    """Fused hard spikes for CPU tensors, or None where the kernel does not apply or is unavailable."""
+    if I.device.type != "cpu" or I.dtype not in (torch.float32, torch.float64):
+        return None
+    module = load("lif_sweep")
+    if module is None:
+        return None
+    return module.lif_sweep(I.contiguous(), v0.contiguous(), float(beta), float(thr), _MODES[mode])
+
