@@ -114,8 +114,9 @@ def main(argv=None) -> int:
     gas = engine.gradient_accumulation_steps()
     tokens_per_step = micro_batch * gas * world_size * cfg.data.sequence_length
     loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
-    steps_since_log, t_log = 0, time.time()
+    steps_since_log, train_seconds = 0, 0.0  # throughput counts training time, not eval or checkpoints
     while step < cfg.train.max_steps:
+        t_step = time.time()
         reader_state_at_step_start = train_reader.state_dict()
         lr = scheduler.get_last_lr()[0]  # what this step trains with; the engine steps the schedule after it
         scale_watch.before_step()
@@ -151,15 +152,15 @@ def main(argv=None) -> int:
                         overflow.get("hysteresis_left"))
             metrics.write("overflow", step, overflow)
         steps_since_log += 1
+        train_seconds += time.time() - t_step
 
         if step % cfg.train.log_interval == 0 or step == cfg.train.max_steps:
             dist.all_reduce(loss_sum)
             mean_loss = loss_sum.item() / (world_size * steps_since_log * gas)
-            elapsed = time.time() - t_log
             grad_norm = engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else None
             record = {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_s": tokens_per_step * steps_since_log / elapsed, "epoch": train_reader.epoch,
+                      "tokens_per_s": tokens_per_step * steps_since_log / train_seconds, "epoch": train_reader.epoch,
                       **scale_watch.state(), **describe_skip_counts(guard, scale_watch)}
             record.update({k: v.item() for k, v in model.observables().items()})
             log.info("step %d: loss %.4f  lr %.2e  grad_norm %s  %.0f tok/s%s", step, mean_loss, record["lr"],
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
                             cfg.stability.grad_norm_warning)
             metrics.write("train", step, record)
             loss_sum.zero_()
-            steps_since_log, t_log = 0, time.time()
+            steps_since_log, train_seconds = 0, 0.0
 
         last = step == cfg.train.max_steps
         stopping = cfg.train.exit_after_steps and step - start_step >= cfg.train.exit_after_steps

@@ -50,3 +50,14 @@ def packed_data_dir(data_corpus, data_tokenizer, tmp_path_factory) -> Path:
     tokenize_files(expand_inputs([str(data_corpus)]), str(out), str(data_tokenizer), val_fraction=0.2,
                    num_workers=1, shard_tokens=1500, task_bytes=700, record_batch_tokens=400, verbose=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Model tests use toy tensors, where threads only add contention."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

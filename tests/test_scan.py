@@ -14,12 +14,7 @@ from pipeline.model import kernels
 from pipeline.model.spiking import LIF, SpikeEncoder, lif_spikes, surrogate_grad
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # toy tensors: threads only add contention
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 f64 = torch.float64
 
