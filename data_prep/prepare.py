@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as `python data_prep/prepare.py`
 
 from data_prep.cli import run_cli
 from data_prep.sources import plan_tasks, resolve_files
-from data_prep.tokenize_shards import TOKENIZER_NAME, default_workers, summarize, tokenize_files
+from data_prep.tokenize_shards import TOKENIZER_NAME, default_workers, holdout_rule, summarize, tokenize_files
 from data_prep.train_tokenizer import train_on_tasks
 from pipeline.data.manifest import Manifest
 
@@ -67,8 +67,11 @@ def prepare(out_dir: str = "data/demo", inputs: Union[List[str], str, None] = No
         options = train_on_tasks(plan_tasks(files, task_bytes), str(model_path), vocab_size=vocab_size,
                                  model_type=model_type, character_coverage=character_coverage,
                                  input_sentence_size=input_sentence_size, max_train_bytes=tokenizer_max_bytes,
-                                 seed=tokenizer_seed, num_threads=tokenizer_threads, text_field=text_field)
+                                 seed=tokenizer_seed, num_threads=tokenizer_threads, text_field=text_field,
+                                 # validation text stays unseen, by the tokenizer too
+                                 skip_document=holdout_rule(val_fraction, split_by, split_seed))
         options.pop("seconds", None)
+        options["documents"] = "train split only (validation documents are held out by the split rule)"
         tokenizer_extra = {"trained": options}
         tokenizer = str(model_path)
         print(f"  trained {model_type} tokenizer, vocab {vocab_size}, in {time.time() - t0:.2f} s")

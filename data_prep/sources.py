@@ -214,12 +214,15 @@ def read_task(task: Task, text_field: str = "text") -> Tuple[List[Tuple[str, str
     return docs, blank
 
 
-def iter_sentences(tasks: Sequence[Task], text_field: str = "text", max_bytes: int = 0):
-    """Non-empty lines of all documents (tokenizer training input), stopping after `max_bytes`."""
+def iter_sentences(tasks: Sequence[Task], text_field: str = "text", max_bytes: int = 0, skip_document=None):
+    """Non-empty lines of the documents (tokenizer training input), stopping after `max_bytes`;
+    `skip_document(doc_id, text)` leaves documents out (the validation split)."""
     seen = 0
     for task in tasks:
         docs, _ = read_task(task, text_field)
-        for _, text in docs:
+        for doc_id, text in docs:
+            if skip_document is not None and skip_document(doc_id, text):
+                continue
             for line in text.split("\n"):
                 if line:
                     yield line

@@ -58,6 +58,23 @@ def _split_hash(key: bytes, split_seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{split_seed}:".encode() + key).digest()[:8], "big")
 
 
+def _validation_threshold(val_fraction: float) -> int:
+    return min(int(val_fraction * 2.0 ** 64), 2 ** 64 - 1)
+
+
+def holdout_rule(val_fraction: float, split_by: str = "content", split_seed: int = 0):
+    """`is_held_out(doc_id, text)`: the hash rule that sends a document to validation, usable before
+    tokenization (the tokenizer trainer uses it to see training documents only). Documents forced into
+    validation on tiny corpora (no hash fell under the threshold) are not predicted by it."""
+    threshold = _validation_threshold(val_fraction)
+
+    def is_held_out(doc_id: str, text: str) -> bool:
+        key = (text if split_by == "content" else doc_id).encode("utf-8")
+        return _split_hash(key, split_seed) < threshold
+
+    return is_held_out
+
+
 def _init_worker(model_proto: bytes, dtype: str, part_dir: str, split_by: str, split_seed: int,
                  text_field: str) -> None:
     sp = spm.SentencePieceProcessor()
@@ -156,8 +173,7 @@ class _ShardWriter:
 
 
 def _assign_splits(hashes: np.ndarray, val_fraction: float) -> Tuple[np.ndarray, Dict[str, int]]:
-    threshold = min(int(val_fraction * 2.0 ** 64), 2 ** 64 - 1)
-    is_val = hashes < np.uint64(threshold)
+    is_val = hashes < np.uint64(_validation_threshold(val_fraction))
     forced: Dict[str, int] = {}
     if len(hashes) >= 2 and val_fraction > 0:
         if not is_val.any():

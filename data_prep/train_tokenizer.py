@@ -52,8 +52,10 @@ def train_on_tasks(tasks: Sequence[Task], output: str, vocab_size: int = 8000,
                    model_type: Literal["bpe", "unigram"] = "bpe", character_coverage: float = 1.0,
                    input_sentence_size: int = 1_000_000, max_sentence_length: int = 16384,
                    max_train_bytes: int = 0, seed: int = 0, num_threads: int = 1,
-                   split_digits: bool = True, text_field: str = "text", verbose: bool = False) -> Dict[str, Any]:
-    """Train on the documents of `tasks`; writes `output` (a .model file). Returns the training options."""
+                   split_digits: bool = True, text_field: str = "text", verbose: bool = False,
+                   skip_document=None) -> Dict[str, Any]:
+    """Train on the documents of `tasks` (less those `skip_document(doc_id, text)` rejects); writes
+    `output` (a .model file). Returns the training options."""
     if vocab_size < 300:
         raise DataError(f"vocab_size {vocab_size} is too small: 256 byte pieces + 4 special ids + text pieces")
     options = dict(vocab_size=vocab_size, model_type=model_type, character_coverage=character_coverage,
@@ -66,7 +68,7 @@ def train_on_tasks(tasks: Sequence[Task], output: str, vocab_size: int = 8000,
     buffer = io.BytesIO()
     start = time.time()
     try:
-        spm.SentencePieceTrainer.train(sentence_iterator=iter_sentences(tasks, text_field, max_train_bytes),
+        spm.SentencePieceTrainer.train(sentence_iterator=iter_sentences(tasks, text_field, max_train_bytes, skip_document),
                                        model_writer=buffer, minloglevel=0 if verbose else 2, **options)
     except RuntimeError as err:
         raise DataError(f"SentencePiece training failed: {err} (too little text for vocab_size={vocab_size}?)") from None

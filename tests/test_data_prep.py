@@ -172,3 +172,21 @@ def test_stdlib_source_is_capped_and_sorted():
     names = [f.name for f in files]
     assert names == sorted(names) and all(n.startswith("python-stdlib/") and n.endswith(".py") for n in names)
     assert not any("/test/" in n or "/tests/" in n or "site-packages" in n for n in names)
+
+
+def test_tokenizer_trainer_never_sees_validation_documents(data_corpus, tmp_path, data_tokenizer):
+    from data_prep.sources import iter_sentences
+    from data_prep.tokenize_shards import holdout_rule
+
+    rule = holdout_rule(val_fraction=0.4)
+    tasks = plan_tasks(expand_inputs(str(data_corpus)))
+    docs = [doc for task in tasks for doc in read_task(task)[0] if doc[1]]
+    held_out = [text for doc_id, text in docs if rule(doc_id, text)]
+    assert 0 < len(held_out) < len(docs)
+    seen = set(iter_sentences(tasks, skip_document=rule))
+    kept = {line for doc_id, text in docs if not rule(doc_id, text) for line in text.split("\n") if line}
+    assert seen == kept
+    # the rule is the one the shard writer applies: held-out documents are exactly the validation split
+    manifest = tokenize_files(expand_inputs(str(data_corpus)), str(tmp_path / "out"), data_tokenizer,
+                              val_fraction=0.4)
+    assert manifest.splits["validation"].documents == len(held_out)
