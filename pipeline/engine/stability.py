@@ -113,15 +113,14 @@ class BatchGuard:
         self.counts[reason] += 1
         if reason != "quarantined":  # known-bad samples cost nothing new; the limit is about fresh failures
             self.consecutive += 1
-        self._record(step, attempt, reason, table, sample_index, loss)
+        self._record(step, attempt, reason, table, sample_index)
         if self.cfg.max_consecutive_skips and self.consecutive >= self.cfg.max_consecutive_skips:
             raise RunAborted(f"{self.consecutive} consecutive micro-batches were skipped (last reason: {reason}) "
                              f"at step {step}: the model or the data has gone bad. Skipped batches are listed in "
                              f"{self.path.resolve()}; a checkpoint of the last good step was saved.")
         return reason
 
-    def _record(self, step: int, attempt: int, reason: str, table: torch.Tensor, sample_index: torch.Tensor,
-                loss: torch.Tensor) -> None:
+    def _record(self, step: int, attempt: int, reason: str, table: torch.Tensor, sample_index: torch.Tensor) -> None:
         indices = _all_gather(sample_index.to(torch.int64)).cpu()
         if reason in ("nan", "quarantined"):
             own = (table[:, 0] > 0) if reason == "nan" else (table[:, 1] > 0)
