@@ -13,8 +13,8 @@ How the sequence is processed (the reset makes the membrane nonlinear):
 
 1. *Which* neurons spike is a threshold decision with no gradient.  :func:`lif_spikes` makes it with
    a sequential sweep over the T*K sub-steps that carries no autograd graph.  On CPU the sweep is a
-   fused C++ kernel (`kernels/lif_sweep.cpp`: one pass per batch row, 0.06 ms where the tensor-op
-   loop took 2.8 ms for B8 x 256 x 32); elsewhere, or without a compiler, it is a loop of three
+   fused C++ kernel (`kernels/lif_sweep.cpp`: one pass per batch row; 0.28 ms where the tensor-op
+   loop takes 11.6 ms for B8 x 1024 x 128, `bench/bench_model.py --components`); elsewhere, or without a compiler, it is a loop of three
    in-place ops on a (B, S) slab per sub-step, time-major so every slab is contiguous (on CUDA this
    loop is launch-bound: a CUDA kernel is the follow-up).  The sweep was chosen because it
    measured fastest: an exact *chunked* alternative
