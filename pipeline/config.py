@@ -6,7 +6,6 @@ jsonargparse reads these dataclasses from YAML files and command-line overrides
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional
 
@@ -232,7 +231,3 @@ class StabilityConfig:
             step, _, rank = str(item).partition("@")
             _require(step.isdigit() and (rank == "*" or rank.isdigit()),
                      f"stability.drill_nan_loss entry {item!r} must look like STEP@RANK or STEP@*")
-
-
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)

@@ -14,11 +14,6 @@ class DeepSpeedConfigError(ConfigError):
     """A DeepSpeed JSON that cannot run here; the message names the file and the key."""
 
 
-PRECISION_ADVICE = {
-    "fp16": "ds_configs/bf16.json on GPUs without fp16, ds_configs/cpu.json on CPU-only machines",
-}
-
-
 def load_deepspeed_config(path: str, train: TrainConfig) -> dict:
     """Read the DeepSpeed JSON and apply the run's batch overrides.
 
@@ -73,7 +68,7 @@ def check_precision_supported(ds_config: dict, config_path: str, allow_cpu_fp16:
     if precision == "fp16" and not accelerator.is_fp16_supported():
         raise DeepSpeedConfigError(
             f"{config_path} trains in fp16, which the {accelerator.device_name()} accelerator here does not support: "
-            f"use {PRECISION_ADVICE['fp16']} instead.")
+            "use ds_configs/bf16.json on GPUs without fp16, ds_configs/cpu.json on CPU-only machines instead.")
     if precision == "bf16" and not accelerator.is_bf16_supported():
         raise DeepSpeedConfigError(
             f"{config_path} trains in bf16, which the {accelerator.device_name()} accelerator here does not support: "

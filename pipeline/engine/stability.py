@@ -265,10 +265,6 @@ class Drill:
         return _InfiniteGradient.apply(logits) if last_micro_batch and step in self.inf_grad_steps else logits
 
 
-def all_finite(module: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
-
-
 def describe_skip_counts(guard: BatchGuard, watch: LossScaleWatch) -> dict:
     counts = {f"skipped_{reason}": guard.counts.get(reason, 0) for reason in BAD_REASONS}
     counts["skipped_overflow"] = watch.overflow_steps
