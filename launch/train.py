@@ -18,15 +18,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 import torch
-import torch.distributed as dist
 
+from pipeline import comm
 from pipeline.config import ConfigError
 from pipeline.data import DataError, PackedReader
-from pipeline.engine.checkpoint import Checkpointer
+from pipeline.engine.checkpoint import Checkpointer, ClientState, RunConfigRecord
 from pipeline.engine.evaluation import evaluate, lm_loss
 from pipeline.engine.stability import BatchGuard, Drill, LossScaleWatch, RunAborted, describe_skip_counts
-from pipeline.engine.setup import (check_precision_supported, configure_cpu_threads, initialize,
-                                   load_deepspeed_config, precision_of)
+from pipeline.engine.setup import (check_precision_supported, configure_cpu_threads, configure_determinism,
+                                   initialize, load_deepspeed_config, precision_of)
 from pipeline.metrics import MetricsSink, read_metrics, setup_logging
 from pipeline.model import HybridLM
 from pipeline.run_config import parse_run_config
@@ -38,10 +38,11 @@ def main(argv=None) -> int:
     ds_config = load_deepspeed_config(cfg.deepspeed_config, cfg.train)
     check_precision_supported(ds_config, cfg.deepspeed_config, cfg.train.allow_cpu_fp16)
     configure_cpu_threads()
+    configure_determinism(cfg.train.deterministic)
 
     import deepspeed
     deepspeed.init_distributed()
-    rank, world_size = dist.get_rank(), dist.get_world_size()
+    rank, world_size = comm.world()
     run_dir = Path(cfg.train.out_dir)
     log = setup_logging(run_dir, rank)
 
@@ -82,16 +83,22 @@ def main(argv=None) -> int:
     scale_watch = LossScaleWatch(engine, cfg.stability, ds_config)
     drill = Drill(cfg.stability)
 
-    # ---- resume: engine state from DeepSpeed, the rest from our client state
-    checkpointer = Checkpointer(run_dir, keep=cfg.train.keep_checkpoints)
-    client_state = checkpointer.load(engine, cfg.train.resume)
-    if client_state is not None:
-        train_reader.load_state_dict(client_state["reader"])
-        guard.load_state_dict(client_state["guard"])
-        scale_watch.load_state_dict(client_state["scale_watch"])
-        scale_watch.after_resume()
-        log.info("resumed from %s at step %d (epoch %d)%s", client_state["_loaded_from"], engine.global_steps,
-                 train_reader.epoch, f", {len(guard.quarantined)} quarantined samples" if guard.quarantined else "")
+    # ---- checkpoint state: every component that must survive a restart, registered once
+    run_config = RunConfigRecord(cfg.to_dict())
+    states = ClientState()
+    states.register("reader", train_reader)
+    states.register("guard", guard)
+    states.register("scale_watch", scale_watch)
+    states.register("run_config", run_config)
+    checkpointer = Checkpointer(run_dir, states, keep=cfg.train.keep_checkpoints)
+
+    # ---- resume: the engine from DeepSpeed's checkpoint, then every registered state, then the RNG
+    resumed_from = checkpointer.load(engine, cfg.train.resume)
+    if resumed_from is not None:
+        log.info("resumed from %s at step %d (epoch %d)%s", resumed_from, engine.global_steps, train_reader.epoch,
+                 f", {len(guard.quarantined)} quarantined samples" if guard.quarantined else "")
+        if run_config.changed:
+            log.info("settings changed since that checkpoint: %s", ", ".join(run_config.changed))
     metrics = MetricsSink(run_dir, rank, engine.monitor)
 
     def run_eval(step: int) -> None:
@@ -100,11 +107,8 @@ def main(argv=None) -> int:
                  result["perplexity"], result["accuracy"], result["tokens"])
         metrics.write("eval", step, result)
 
-    def save(step: int, reader_state: dict) -> None:
-        path = checkpointer.save(engine, step, {"reader": reader_state, "guard": guard.state_dict(),
-                                                "scale_watch": scale_watch.state_dict(),
-                                                "run_config": cfg.to_dict()})
-        log.info("checkpoint %s", path)
+    def save(step: int) -> None:
+        log.info("checkpoint %s", checkpointer.save(engine, step))
 
     # ---- the loop
     step = engine.global_steps
@@ -143,7 +147,9 @@ def main(argv=None) -> int:
         except RunAborted as abort:
             # The partial step is dropped: the checkpoint holds the last applied step and the reader
             # position at its end, so a resume redoes this step (skipping what is now quarantined).
-            save(engine.global_steps, reader_state_at_step_start if good < gas else train_reader.state_dict())
+            if good < gas:
+                train_reader.load_state_dict(reader_state_at_step_start)
+            save(engine.global_steps)
             log.error("%s", abort)
             return abort.exit_code
         if overflow is not None:
@@ -155,8 +161,7 @@ def main(argv=None) -> int:
         train_seconds += time.time() - t_step
 
         if step % cfg.train.log_interval == 0 or step == cfg.train.max_steps:
-            dist.all_reduce(loss_sum)
-            mean_loss = loss_sum.item() / (world_size * steps_since_log * gas)
+            mean_loss = comm.all_reduce(loss_sum, out_device="cpu").item() / (world_size * steps_since_log * gas)
             grad_norm = engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else None
             record = {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm,
@@ -178,7 +183,7 @@ def main(argv=None) -> int:
         if step % cfg.train.eval_interval == 0 or last:
             run_eval(step)
         if step % cfg.train.checkpoint_interval == 0 or last or stopping:
-            save(step, train_reader.state_dict())
+            save(step)
         if stopping and not last:
             log.info("exit_after_steps=%d reached at step %d; resume with --train.resume auto",
                      cfg.train.exit_after_steps, step)

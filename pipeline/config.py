@@ -178,6 +178,8 @@ class TrainConfig:
     """`auto`: continue from the newest checkpoint in out_dir if there is one; `none`; or a checkpoint folder."""
     exit_after_steps: int = 0
     """Checkpoint and stop after this many steps of this invocation (0: off); for time-boxed batch jobs."""
+    deterministic: bool = False
+    """Use deterministic GPU kernels (slower), so a rerun or a resume on a GPU reproduces the losses bit for bit."""
     allow_cpu_fp16: bool = False
     """Declare fp16 supported on DeepSpeed's CPU accelerator (slow emulation) to rehearse the real fp16 path in tests."""
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dsrun import ROOT, tiny_data, train, train_losses  # noqa: F401  (tiny_data is a fixture)
 from pipeline.metrics import read_metrics
@@ -52,6 +53,11 @@ def test_resume_reproduces_the_uninterrupted_losses_exactly(tiny_data, uninterru
     resumed = train(tiny_data, run_dir, "--train.max_steps", "16", "--train.checkpoint_interval", "8",
                     "--train.eval_interval", "8", "--train.resume", "auto")
     assert "resumed from" in resumed.stdout
+    checkpoint = run_dir / "checkpoints" / "step00000016"  # written by the resumed run
+    client_state = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    assert {"reader", "guard", "scale_watch", "run_config"} <= set(client_state)
+    for rank in (0, 1):
+        assert "accelerator" in torch.load(checkpoint / f"rng_rank{rank}.pt", weights_only=False)
     expected, got = train_losses(uninterrupted), train_losses(run_dir)
     assert sorted(got) == list(range(1, 17))
     for step in range(6, 17):

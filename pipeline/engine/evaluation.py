@@ -4,8 +4,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+
+from pipeline import comm
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -31,8 +32,7 @@ def evaluate(engine, batches, max_batches: int = 0) -> dict:
         mask = batch.get("loss_mask")
         mask = mask.to(device).flatten().double() if mask is not None else torch.ones_like(correct)
         totals += torch.stack([(nll.double() * mask).sum(), (correct * mask).sum(), mask.sum()])
-    if dist.is_initialized():
-        dist.all_reduce(totals)
+    totals = comm.all_reduce(totals, out_device="cpu")
     if was_training:
         engine.train()
     nll_sum, correct, tokens = totals.tolist()

@@ -110,6 +110,17 @@ def initialize(model: torch.nn.Module, ds_config: dict, train: TrainConfig):
     return engine, scheduler
 
 
+def configure_determinism(enabled: bool) -> None:
+    """Deterministic kernels; must run before CUDA is initialised (cuBLAS reads its workspace setting once)."""
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # warn_only: an op without a deterministic kernel warns instead of stopping a long run.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 def configure_cpu_threads() -> None:
     """Split the cores among the ranks of this node; without it each rank takes every core and they thrash."""
     if "OMP_NUM_THREADS" in os.environ or torch.cuda.is_available():

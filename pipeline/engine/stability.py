@@ -20,8 +20,8 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from pipeline import comm
 from pipeline.config import StabilityConfig
 
 PEER = "peer"  # the reason recorded for a rank whose own batch was fine but was skipped with the others
@@ -34,20 +34,6 @@ class RunAborted(RuntimeError):
     exit_code = 3
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_gather(tensor: torch.Tensor) -> torch.Tensor:
-    if not dist.is_initialized():
-        return tensor.unsqueeze(0)
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor)
-    return torch.stack(parts)
-
-
 class BatchGuard:
     """Collective skip decision for each micro-batch, the quarantine file, and skip counters."""
 
@@ -55,7 +41,7 @@ class BatchGuard:
         """`reader` maps global sample ids to stream windows and documents (`window_of`, `sample_documents`);
         the mapping is global, so any rank's reader resolves every rank's samples."""
         self.cfg = cfg
-        self.rank, self.world_size = _world()
+        self.rank, self.world_size = comm.world()
         self.path = Path(run_dir) / cfg.quarantine_file
         self.reader = reader
         self.counts: Counter = Counter()  # skipped micro-batches by reason
@@ -92,7 +78,7 @@ class BatchGuard:
         quarantined = float(bool(self.quarantined) and any(self.reader.window_of(s) in self.quarantined
                                                              for s in sample_index.tolist()))
         local = torch.stack([flag_nonfinite, torch.full_like(value, quarantined), torch.where(finite, value, 0.0)])
-        table = _all_gather(local).cpu()
+        table = comm.all_gather(local, out_device="cpu")
         nonfinite_ranks = table[:, 0] > 0
         quarantined_ranks = table[:, 1] > 0
         global_loss = float(table[:, 2].mean())
@@ -121,7 +107,7 @@ class BatchGuard:
         return reason
 
     def _record(self, step: int, attempt: int, reason: str, table: torch.Tensor, sample_index: torch.Tensor) -> None:
-        indices = _all_gather(sample_index.to(torch.int64)).cpu()
+        indices = comm.all_gather(sample_index.to(torch.int64), out_device="cpu")
         if reason in ("nan", "quarantined"):
             own = (table[:, 0] > 0) if reason == "nan" else (table[:, 1] > 0)
         else:
@@ -176,7 +162,7 @@ class LossScaleWatch:
         if self.scaler is not None and self.cfg.exit_at_min_loss_scale:
             self.scaler.raise_error_at_min_scale = False
 
-    def after_resume(self) -> None:
+    def _after_engine_load(self) -> None:
         """The scaler comes back pickled from the checkpoint; re-apply our policy, reset it if asked."""
         self._take_over_min_scale()
         scaler = self.scaler
@@ -222,7 +208,9 @@ class LossScaleWatch:
         return {"overflow_steps": self.overflow_steps}
 
     def load_state_dict(self, state: dict) -> None:
+        """Called after DeepSpeed has restored the engine (and with it the scaler) from the same checkpoint."""
         self.overflow_steps = state["overflow_steps"]
+        self._after_engine_load()
 
 
 class _InfiniteGradient(torch.autograd.Function):
@@ -242,7 +230,7 @@ class Drill:
 
     def __init__(self, cfg: StabilityConfig):
         self.cfg = cfg
-        self.rank, self.world_size = _world()
+        self.rank, self.world_size = comm.world()
         self.nan_at: dict[int, set] = {}
         for item in cfg.drill_nan_loss:
             step, _, rank = item.partition("@")
