@@ -293,7 +293,8 @@ def stage_drills(args, out: Path, report: dict, env: dict) -> bool:
         "print(len(bad)); sys.exit(1 if bad else 0)"), str(run_dir), str(ROOT)], capture_output=True, text=True,
         env=env, cwd=ROOT)
     ok &= check.record("weights_finite", finite.returncode == 0,
-                       f"non-finite parameter tensors after the drills: {finite.stdout.strip() or finite.stderr[-300:]}")
+                       f"non-finite parameter tensors after the drills: "
+                       f"{(finite.stdout.strip().splitlines() or [finite.stderr[-300:]])[-1]}")
     return ok
 
 
