@@ -5,7 +5,7 @@ for the liquid, spiking and Mamba layers; attention layers keep a KV cache).
         --temperature 0.8 --top_k 40
 
 The prompt is processed in one parallel forward that returns the state; each new token then costs one
-``model.step``.
+``model.step``.  An empty prompt starts from EOS: in training, documents begin after an EOS.
 """
 from __future__ import annotations
 
@@ -36,12 +36,18 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int,
 @torch.no_grad()
 def generate(model, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float = 1.0,
              top_k: int = 0, eos_id: Optional[int] = None, seed: Optional[int] = None) -> List[int]:
-    """Continue ``prompt_ids`` (non-empty) by up to ``max_new_tokens`` tokens; returns the new ids."""
+    """Continue ``prompt_ids`` by up to ``max_new_tokens`` tokens (stopping after ``eos_id``); returns
+    the new ids.  An empty prompt starts from ``eos_id``: the training stream joins documents with
+    EOS, so a document begins after EOS (BOS never occurs in it and its embedding is untrained)."""
     if len(prompt_ids) == 0:
-        raise ValueError("the prompt must contain at least one token")
+        if eos_id is None:
+            raise ValueError("an empty prompt starts from the EOS token: pass eos_id")
+        prompt_ids = [eos_id]
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    state = model.init_state(1, device, next(model.parameters()).dtype)
+    # Sized for the whole generation, so the attention KV caches are written in place.
+    state = model.init_state(1, device, next(model.parameters()).dtype,
+                             max_len=len(prompt_ids) + max_new_tokens)
     prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     logits, state = model(prompt, state, return_state=True)
     last = logits[:, -1]
@@ -78,11 +84,9 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     model = model.to(args.device).eval()
     sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
     ids = sp.encode(args.prompt) if args.prompt else []
-    if not ids:
-        ids = [sp.bos_id()] if sp.bos_id() >= 0 else [sp.eos_id()]
     eos = sp.eos_id() if sp.eos_id() >= 0 else None
     new = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, eos, args.seed)
-    text = sp.decode([i for i in ids if i >= 0] + new)
+    text = sp.decode(list(ids) + new)
     print(text)
     return text
 

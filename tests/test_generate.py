@@ -64,20 +64,42 @@ def test_step_by_step_logits_equal_the_full_forward(name):
             assert torch.allclose(logits, full[:, t], rtol=0, atol=1e-10)
 
 
+def is_kv_cache(value) -> bool:
+    return isinstance(value, dict) and "len" in value
+
+
+def kv_caches(state):
+    """The attention and cross-attention KV caches of a model state."""
+    out = []
+    for layer_state in state["layers"]:
+        if is_kv_cache(layer_state):
+            out.append(layer_state)
+        else:
+            out += [v for v in layer_state.values() if is_kv_cache(v)]
+    return out
+
+
+def recurrent_tensors(state):
+    """(name, tensor) of every state tensor except the KV caches."""
+    out = []
+    for i, layer_state in enumerate(state["layers"]):
+        if is_kv_cache(layer_state):
+            continue
+        for key, value in layer_state.items():
+            if is_kv_cache(value):
+                continue
+            flat = value.items() if isinstance(value, dict) else [("", value)]
+            out += [(f"{i}.{key}.{k}", v) for k, v in flat if v is not None]
+    return out
+
+
 def test_recurrent_state_does_not_grow_with_position():
     model = HybridLM(cfg(**CASES["bidirectional-gate-temporal"])).eval()
     state = model.init_state(2)
 
     def shapes(st):
         # Everything except the attention KV caches must have a fixed size.
-        out = []
-        for layer_state in st["layers"]:
-            for key, value in layer_state.items():
-                if key in ("k", "v", "x_lm", "x_ml"):
-                    continue
-                flat = value.values() if isinstance(value, dict) else [value]
-                out += [tuple(v.shape) for v in flat if v is not None]
-        return out
+        return [tuple(v.shape) for _, v in recurrent_tensors(st)]
 
     with torch.no_grad():
         for t in range(3):
@@ -86,6 +108,48 @@ def test_recurrent_state_does_not_grow_with_position():
         for t in range(40):
             _, state = model.step(torch.tensor([1, 2]), state)
     assert shapes(state) == early and state["pos"] == 43
+    assert len(kv_caches(state)) == 5 and all(c["len"] == 43 for c in kv_caches(state))
+
+
+@pytest.mark.parametrize("name", ["bidirectional-gate-temporal", "parallel-cross-rate-K3-zero"])
+def test_kv_caches_are_preallocated_and_written_in_place(name):
+    torch.manual_seed(0)
+    model = HybridLM(cfg(**CASES[name])).eval()
+    ids = torch.randint(0, V, (2, 24))
+    with torch.no_grad():
+        full = model(ids)
+        _, state = model(ids[:, :10], model.init_state(2, max_len=24), return_state=True)
+        caches = kv_caches(state)
+        assert len(caches) >= 2  # cross-attention and self-attention
+        ptrs = [(c["k"].data_ptr(), c["v"].data_ptr()) for c in caches]
+        for t in range(10, 24):
+            logits, state = model.step(ids[:, t], state)
+            assert torch.allclose(logits, full[:, t], rtol=0, atol=1e-5)
+            assert [(c["k"].data_ptr(), c["v"].data_ptr()) for c in kv_caches(state)] == ptrs
+        assert all(c["len"] == 24 and c["k"].shape[2] == 24 for c in kv_caches(state))
+        # Without a length the caches grow by doubling: a few reallocations, not one per token.
+        state = model.init_state(2)
+        seen = set()
+        for t in range(24):
+            _, state = model.step(ids[:, t], state)
+            seen.add(kv_caches(state)[0]["k"].data_ptr())
+        assert len(seen) <= 6
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_saved_states_do_not_pin_the_prompt(name):
+    torch.manual_seed(0)
+    model = HybridLM(cfg(**CASES[name])).eval()
+    with torch.no_grad():
+        for batch in (1, 2):  # with one sequence a slice of the last token is contiguous: copy anyway
+            _, state = model(torch.randint(0, V, (batch, 40)), model.init_state(batch), return_state=True)
+            for key, value in recurrent_tensors(state):
+                held, own = value.untyped_storage().nbytes(), value.numel() * value.element_size()
+                assert held == own, f"state {key} keeps {held} bytes alive for its {own}"
+            for cache in kv_caches(state):
+                for buf in (cache["k"], cache["v"]):
+                    held, own = buf.untyped_storage().nbytes(), buf.numel() * buf.element_size()
+                    assert held == own, "a KV cache is a view into a larger tensor"
 
 
 def test_greedy_generation_equals_recomputing_the_full_forward():
@@ -99,6 +163,63 @@ def test_greedy_generation_equals_recomputing_the_full_forward():
         for _ in range(12):
             seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
     assert new == seq[len(prompt):]
+
+
+class RecordInputs:
+    """Wraps a model's forward and records the token ids it is given."""
+
+    def __init__(self, model, monkeypatch):
+        self.calls = []
+        forward = model.forward
+
+        def recording(input_ids, *args, **kwargs):
+            self.calls.append(input_ids.tolist())
+            return forward(input_ids, *args, **kwargs)
+
+        monkeypatch.setattr(model, "forward", recording)
+
+
+def test_empty_prompt_starts_from_the_end_of_document_token(monkeypatch):
+    gen = load_generate()
+    torch.manual_seed(1)
+    model = HybridLM(cfg(**CASES["bidirectional-gate-temporal"])).double().eval()
+    eos = 2
+    with torch.no_grad():
+        expected = [int(model(torch.tensor([[eos]]))[0, -1].argmax())]
+    rec = RecordInputs(model, monkeypatch)
+    new = gen.generate(model, [], max_new_tokens=5, temperature=0.0, eos_id=eos)
+    assert rec.calls[0] == [[eos]] and new[0] == expected[0]
+    with pytest.raises(ValueError, match="eos_id"):
+        gen.generate(model, [], max_new_tokens=5)
+
+
+def test_cli_empty_prompt_uses_the_tokenizers_eos_not_bos(monkeypatch, capsys):
+    gen = load_generate()
+    model = HybridLM(cfg()).eval()
+    rec = RecordInputs(model, monkeypatch)
+
+    class FakeSP:
+        def __init__(self, model_file):
+            pass
+
+        def encode(self, text):
+            return [ord(c) % V for c in text]
+
+        def decode(self, ids):
+            return "|".join(map(str, ids))
+
+        def bos_id(self):
+            return 1
+
+        def eos_id(self):
+            return 2
+
+    import pipeline.engine.checkpoint as ckpt
+    import sentencepiece
+    monkeypatch.setattr(ckpt, "load_for_inference", lambda run_dir, tag=None: (model, model.cfg, "tok.model"))
+    monkeypatch.setattr(sentencepiece, "SentencePieceProcessor", FakeSP)
+    gen.main(["--checkpoint", "runs/x", "--max_new_tokens", "3", "--temperature", "0"])
+    assert rec.calls[0] == [[2]]
 
 
 def test_sampling_respects_top_k_and_seed():

@@ -91,6 +91,20 @@ def test_causal_and_every_parameter_gets_a_finite_gradient(options):
         assert p.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
 
 
+def test_liquid_units_start_with_their_configured_memory():
+    # The block initialises the liquid cell itself: its memory at the first step must still span the
+    # sampled time constants (1 to 64 tokens), on the block's real inputs (normed stream + spikes).
+    torch.manual_seed(0)
+    cfg = ModelConfig(**yaml.safe_load((ROOT / "launch/presets/small.yaml").read_text())["model"])
+    block = HybridLM(cfg).layers[0]
+    xn = block.norm(torch.randn(4, 64, cfg.hidden_dim))
+    rate = block.lif(block.spike_proj(xn))[0]
+    with torch.no_grad():
+        tau = block.liquid.effective_tau(torch.cat([xn, rate], -1))
+    per_unit = tau.median(dim=1).values.median(dim=0).values
+    assert per_unit.max() > 32 and per_unit.min() < 2 and 3 < per_unit.median() < 20
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_forward_backward_is_finite(dtype):
     torch.manual_seed(0)

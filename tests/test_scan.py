@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pipeline.model.liquid import CfC, LiquidScan, lecun_tanh
 from pipeline.model.mamba import Mamba
-from pipeline.model.scan import diag_scan, diag_scan_ref, selective_scan
+from pipeline.model.scan import _scan_core, diag_scan, diag_scan_ref, selective_scan, selective_scan_ref
 from pipeline.model import kernels
 from pipeline.model.spiking import LIF, SpikeEncoder, lif_spikes, surrogate_grad
 
@@ -27,7 +27,17 @@ def grads(out, inputs, weight):
     return torch.autograd.grad((out * weight).sum(), inputs, allow_unused=True)
 
 
-@pytest.mark.parametrize("T", [1, 5, 8, 9, 31, 100, 257])
+# Lengths that need padding to nc * Q (not multiples of ceil(sqrt(T))), at both levels of the
+# recursion (100: the scan over its 10 chunk summaries pads), and exact fits.
+PADDED_T = [1, 5, 8, 9, 31, 40, 100, 257, 333, 1000]
+
+
+def final_state_loss(out, last, w_out, w_last):
+    """A loss on the outputs and, with a larger weight, on the final state carried to the next call."""
+    return (out * w_out).sum() + 10 * (last * w_last).sum()
+
+
+@pytest.mark.parametrize("T", PADDED_T)
 @pytest.mark.parametrize("with_h0", [False, True])
 def test_diag_scan_matches_sequential_loop(T, with_h0):
     g = torch.Generator().manual_seed(T)
@@ -35,11 +45,60 @@ def test_diag_scan_matches_sequential_loop(T, with_h0):
     b = torch.randn(3, T, 7, generator=g, dtype=f64).requires_grad_()
     h0 = torch.randn(3, 7, generator=g, dtype=f64).requires_grad_() if with_h0 else None
     h, ref = diag_scan(a, b, h0), diag_scan_ref(a, b, h0)
-    assert rel_err(h, ref) < 1e-6
-    w = torch.randn(ref.shape, generator=g, dtype=f64)
+    assert h.dtype == f64 and rel_err(h, ref) < 1e-6
+    w, w_last = torch.randn(ref.shape, generator=g, dtype=f64), torch.randn(3, 7, generator=g, dtype=f64)
     ins = [a, b] + ([h0] if with_h0 else [])
-    for got, exp in zip(grads(h, ins, w), grads(ref, ins, w)):
-        assert rel_err(got, exp) < 1e-6
+    got = torch.autograd.grad(final_state_loss(h, h[:, -1], w, w_last), ins)
+    exp = torch.autograd.grad(final_state_loss(ref, ref[:, -1], w, w_last), ins)
+    for name, x, y in zip("a b h0".split(), got, exp):
+        assert rel_err(x, y) < 1e-6, name
+
+
+@pytest.mark.parametrize("T", PADDED_T)
+def test_reverse_scan_carries_the_incoming_state_through_padding(T):
+    # The backward passes run the scan in reverse from the gradient of the final state: the padded
+    # tail is crossed first and must leave that state intact.
+    g = torch.Generator().manual_seed(T)
+    a, b = torch.rand(2, T, 5, generator=g, dtype=f64), torch.randn(2, T, 5, generator=g, dtype=f64)
+    h_end = torch.randn(2, 5, generator=g, dtype=f64)
+    h, ref = h_end, []
+    for t in range(T - 1, -1, -1):
+        h = a[:, t] * h + b[:, t]
+        ref.append(h)
+    ref = torch.stack(ref[::-1], 1)
+    assert rel_err(_scan_core(a, b, h_end, reverse=True), ref) < 1e-12
+
+
+def selective_scan_inputs(T, with_h0=True, B=2, E=3, N=4):
+    g = torch.Generator().manual_seed(T)
+    u = torch.randn(B, T, E, generator=g, dtype=f64)
+    delta = 0.05 + 0.5 * torch.rand(B, T, E, generator=g, dtype=f64)
+    A = -0.2 - 2 * torch.rand(E, N, generator=g, dtype=f64)
+    Bm, Cm = torch.randn(B, T, N, generator=g, dtype=f64), torch.randn(B, T, N, generator=g, dtype=f64)
+    h0 = torch.randn(B, E, N, generator=g, dtype=f64) if with_h0 else None
+    return [x.requires_grad_() if x is not None else None for x in (u, delta, A, Bm, Cm, h0)], g
+
+
+@pytest.mark.parametrize("T", PADDED_T)
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_selective_scan_matches_sequential_reference_with_a_loss_on_the_final_state(T, with_h0):
+    ins, g = selective_scan_inputs(T, with_h0)
+    y, h_last = selective_scan(*ins)
+    y_ref, h_ref = selective_scan_ref(*ins)
+    assert y.dtype == h_last.dtype == f64
+    assert rel_err(y, y_ref) < 1e-6 and rel_err(h_last, h_ref) < 1e-6
+    w, w_last = torch.randn(y_ref.shape, generator=g, dtype=f64), torch.randn(h_ref.shape, generator=g, dtype=f64)
+    wrt = [x for x in ins if x is not None]
+    got = torch.autograd.grad(final_state_loss(y, h_last, w, w_last), wrt, retain_graph=True)
+    exp = torch.autograd.grad(final_state_loss(y_ref, h_ref, w, w_last), wrt, retain_graph=True)
+    for name, x, e in zip("u delta A B C h0".split(), got, exp):
+        assert rel_err(x, e) < 1e-6, name
+    # The final state alone (no gradient reaches y; C does not enter h_last).
+    wrt = [x for i, x in enumerate(ins) if x is not None and i != 4]
+    got = torch.autograd.grad((h_last * w_last).sum(), wrt)
+    exp = torch.autograd.grad((h_ref * w_last).sum(), wrt)
+    for name, x, e in zip("u delta A B h0".split(), got, exp):
+        assert rel_err(x, e) < 1e-6, name
 
 
 def test_diag_scan_half_inputs_scan_in_float32():
@@ -55,14 +114,15 @@ def test_diag_scan_half_inputs_scan_in_float32():
 # ---------------------------------------------------------------------------------------------
 
 def selective_scan_ref_mamba(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                             return_last_state=False):
-    """u, delta, z: (b, d, l); A: (d, n); B, C: (b, n, l); D, delta_bias: (d,).  Real A, ungrouped."""
+                             return_last_state=False, x0=None):
+    """u, delta, z: (b, d, l); A: (d, n); B, C: (b, n, l); D, delta_bias: (d,).  Real A, ungrouped.
+    x0 (b, d, n): the state before the first position (not in mamba_ssm's reference: zero there)."""
     if delta_bias is not None:
         delta = delta + delta_bias[..., None]
     if delta_softplus:
         delta = F.softplus(delta)
     batch, dim, L = u.shape
-    x = A.new_zeros((batch, dim, A.shape[1]))
+    x = A.new_zeros((batch, dim, A.shape[1])) if x0 is None else x0
     deltaA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
     deltaB_u = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)
     ys = []
@@ -89,6 +149,23 @@ def mamba_reference_forward(m: Mamba, hidden: torch.Tensor) -> torch.Tensor:
     y = selective_scan_ref_mamba(x, dt, A, B.transpose(1, 2), C.transpose(1, 2), m.D, z=z,
                                  delta_bias=m.dt_proj.bias, delta_softplus=True)
     return y.transpose(1, 2) @ m.out_proj.weight.t()
+
+
+def mamba_reference_with_state(m: Mamba, hidden: torch.Tensor, conv0: torch.Tensor, ssm0: torch.Tensor):
+    """The same math continuing from a state, as mamba_ssm's inference cache holds it: the last
+    d_conv - 1 conv inputs (b, d, d_conv - 1) and the SSM state (b, d, n).  Returns the output and
+    the state after the last position."""
+    L = hidden.shape[1]
+    x, z = (hidden @ m.in_proj.weight.t()).transpose(1, 2).chunk(2, dim=1)
+    window = torch.cat([conv0, x], dim=-1)
+    x = F.silu(F.conv1d(window, m.conv1d.weight, m.conv1d.bias, groups=m.d_inner))
+    x_dbl = x.transpose(1, 2) @ m.x_proj.weight.t()
+    dt, B, C = torch.split(x_dbl, [m.dt_rank, m.d_state, m.d_state], dim=-1)
+    dt = (dt @ m.dt_proj.weight.t()).transpose(1, 2)
+    y, last = selective_scan_ref_mamba(x, dt, -torch.exp(m.A_log), B.transpose(1, 2), C.transpose(1, 2),
+                                       m.D, z=z, delta_bias=m.dt_proj.bias, delta_softplus=True,
+                                       return_last_state=True, x0=ssm0)
+    return y.transpose(1, 2) @ m.out_proj.weight.t(), window[..., L:], last
 
 
 MAMBA_SSM_SHAPES = {  # mamba_ssm.modules.mamba_simple.Mamba(d_model=16, d_state=8, d_conv=4, expand=2)
@@ -121,6 +198,29 @@ def test_mamba_torch_path_equals_selective_scan_ref(T):
     ins = [hidden] + list(m.parameters())
     for got, exp in zip(grads(out, ins, w), grads(ref, ins, w)):
         assert rel_err(got, exp) < 1e-6
+
+
+@pytest.mark.parametrize("T", [5, 40, 100, 333])
+def test_mamba_state_backpropagates_like_the_reference(T):
+    # A loss on the returned state (as when a state is carried across calls and trained through).
+    torch.manual_seed(T)
+    m = Mamba(8, d_state=4, d_conv=4, expand=2, backend="torch").double()
+    with torch.no_grad():
+        m.dt_proj.bias.add_(1.0)
+    hidden = torch.randn(2, T, 8, dtype=f64, requires_grad=True)
+    conv0 = torch.randn(2, 16, 3, dtype=f64, requires_grad=True)
+    ssm0 = torch.randn(2, 16, 4, dtype=f64, requires_grad=True)
+    out, st = m(hidden, {"conv": conv0, "ssm": ssm0}, return_state=True)
+    ref, conv_ref, ssm_ref = mamba_reference_with_state(m, hidden, conv0, ssm0)
+    assert rel_err(out, ref) < 1e-6 and rel_err(st["ssm"], ssm_ref) < 1e-6
+    assert torch.equal(st["conv"], conv_ref)
+    w, w_ssm, w_conv = torch.randn_like(ref), torch.randn_like(ssm_ref), torch.randn_like(conv_ref)
+    ins = [hidden, conv0, ssm0] + list(m.parameters())
+    got = torch.autograd.grad((out * w).sum() + 10 * (st["ssm"] * w_ssm).sum() + (st["conv"] * w_conv).sum(), ins)
+    exp = torch.autograd.grad((ref * w).sum() + 10 * (ssm_ref * w_ssm).sum() + (conv_ref * w_conv).sum(), ins)
+    names = ["hidden", "conv0", "ssm0"] + [n for n, _ in m.named_parameters()]
+    for name, x, e in zip(names, got, exp):
+        assert rel_err(x, e) < 1e-6, name
 
 
 def test_selective_scan_state_carry_and_cpu_path_never_imports_mamba_ssm():
@@ -200,22 +300,23 @@ def test_lif_spike_decision_is_exact_for_every_method(mode, N, beta, dtype):
 
 
 @pytest.mark.parametrize("mode,kind", [("subtract", "atan"), ("zero", "fast_sigmoid"), ("none", "atan")])
-@pytest.mark.parametrize("K", [1, 3])
-def test_lif_layer_matches_step_loop_fwd_and_bwd(mode, kind, K):
+@pytest.mark.parametrize("K,T", [(1, 45), (3, 45), (1, 333)])
+def test_lif_layer_matches_step_loop_fwd_and_bwd(mode, kind, K, T):
     torch.manual_seed(K)
     slope = 2.0 if kind == "atan" else 25.0
     lif = LIF(beta=0.8, threshold=0.7, num_steps=K, reset=mode, surrogate=kind, slope=slope)
-    cur = (0.3 + 0.4 * torch.randn(2, 45, 8, dtype=f64)).requires_grad_()
+    cur = (0.3 + 0.4 * torch.randn(2, T, 8, dtype=f64)).requires_grad_()
     v0 = torch.randn(2, 8, dtype=f64).requires_grad_()
     rate, mem, v_end, hard_rate = lif(cur, v0)
-    I = cur.unsqueeze(2).expand(2, 45, K, 8).reshape(2, 45 * K, 8)
+    I = cur.unsqueeze(2).expand(2, T, K, 8).reshape(2, T * K, 8)
     s_ref, u_ref, v_ref = lif_reference(I, v0, 0.8, 0.7, mode, kind, slope)
-    rate_ref = s_ref.view(2, 45, K, 8).mean(2)
-    mem_ref = u_ref.view(2, 45, K, 8)[:, :, -1]
+    rate_ref = s_ref.view(2, T, K, 8).mean(2)
+    mem_ref = u_ref.view(2, T, K, 8)[:, :, -1]
     assert torch.equal(rate.detach(), rate_ref.detach())
     assert rel_err(mem, mem_ref) < 1e-6 and rel_err(v_end, v_ref) < 1e-6
     assert 0 < hard_rate.item() < 1
-    w1, w2, w3 = torch.randn_like(rate), torch.randn_like(mem), torch.randn_like(v_end)
+    # The final membrane is carried to the next call: weight its gradient up (it is one token of T).
+    w1, w2, w3 = torch.randn_like(rate), torch.randn_like(mem), 10 * torch.randn_like(v_end)
     loss = (rate * w1).sum() + (mem * w2).sum() + (v_end * w3).sum()
     loss_ref = (rate_ref * w1).sum() + (mem_ref * w2).sum() + (v_ref * w3).sum()
     for got, exp in zip(torch.autograd.grad(loss, [cur, v0]), torch.autograd.grad(loss_ref, [cur, v0])):
@@ -234,13 +335,8 @@ def test_lif_threshold_and_beta_are_honoured():
 # Liquid
 # ---------------------------------------------------------------------------------------------
 
-def test_liquid_scan_matches_loop_and_solves_the_ode():
-    torch.manual_seed(0)
-    cell = LiquidScan(6, 5).double()
-    u = torch.randn(2, 33, 6, dtype=f64, requires_grad=True)
-    h0 = torch.randn(2, 5, dtype=f64, requires_grad=True)
-    h, h_last = cell(u, h0)
-    # Sequential reference of the same exact update, and a fine RK4 integration of the ODE.
+def liquid_reference(cell: LiquidScan, u, h0):
+    """The exact per-token update, written plainly and run token by token."""
     f_pre, v_pre = cell.in_proj(u).chunk(2, -1)
     f, v = F.softplus(f_pre), torch.tanh(v_pre)
     inv_tau = torch.exp(-cell.log_tau)
@@ -250,11 +346,31 @@ def test_liquid_scan_matches_loop_and_solves_the_ode():
         a = torch.exp(-lam)
         x = a * x + (1 - a) * f_t * v_t / lam
         xs.append(x)
-    ref = torch.stack(xs, 1)
+    return torch.stack(xs, 1), f, v, inv_tau
+
+
+@pytest.mark.parametrize("T,slow", [(33, False), (333, False), (40, True)])
+def test_liquid_scan_matches_loop_and_solves_the_ode(T, slow):
+    torch.manual_seed(0)
+    cell = LiquidScan(6, 5).double()
+    if slow:  # time constants of ~500-3000 tokens: lambda < 1e-2, the series branch of the drive
+        with torch.no_grad():
+            cell.log_tau.copy_(torch.linspace(math.log(500), math.log(3000), 5))
+            cell.in_proj.bias[:5].fill_(-12.0)
+    u = torch.randn(2, T, 6, dtype=f64, requires_grad=True)
+    h0 = torch.randn(2, 5, dtype=f64, requires_grad=True)
+    h, h_last = cell(u, h0)
+    # Sequential reference of the same exact update, and a fine RK4 integration of the ODE.
+    ref, f, v, inv_tau = liquid_reference(cell, u, h0)
     assert rel_err(h, ref) < 1e-6 and rel_err(h_last, ref[:, -1]) < 1e-6
-    w = torch.randn_like(ref)
-    for got, exp in zip(grads(h, [u, h0, cell.log_tau], w), grads(ref, [u, h0, cell.log_tau], w)):
-        assert rel_err(got, exp) < 1e-6
+    w, w_last = torch.randn_like(ref), torch.randn_like(h0)
+    ins = [u, h0, cell.log_tau, cell.in_proj.weight, cell.in_proj.bias]
+    got = torch.autograd.grad(final_state_loss(h, h_last, w, w_last), ins)
+    exp = torch.autograd.grad(final_state_loss(ref, ref[:, -1], w, w_last), ins)
+    for name, x, e in zip(["u", "h0", "log_tau", "weight", "bias"], got, exp):
+        assert rel_err(x, e) < 1e-6, name
+    if T > 40:
+        return
     with torch.no_grad():
         x = h0.clone()
         n = 400
@@ -264,6 +380,40 @@ def test_liquid_scan_matches_loop_and_solves_the_ode():
                 k1 = rhs(x); k2 = rhs(x + 0.5 / n * k1); k3 = rhs(x + 0.5 / n * k2); k4 = rhs(x + k3 / n)
                 x = x + (k1 + 2 * k2 + 2 * k3 + k4) / (6 * n)
             assert rel_err(h[:, t].detach(), x) < 1e-6
+
+
+def test_liquid_memory_at_initialisation_spans_the_configured_time_constants():
+    torch.manual_seed(0)
+    cell = LiquidScan(96, 64, tau_min=1.0, tau_max=64.0)
+    u = torch.randn(4, 50, 96)            # unit-variance inputs, like the RMS-normed stream
+    tau = cell.effective_tau(u).detach()  # (B, T, units): 1/lambda
+    per_unit = tau.median(dim=1).values.median(dim=0).values
+    # The longest memories reach the top of the range, the shortest its bottom, and the typical
+    # unit is in between (log-uniform sampling: median sqrt(1 * 64) = 8).
+    assert per_unit.max() > 32 and per_unit.min() < 2
+    assert 3 < per_unit.median() < 20
+    # The sampled tau is each unit's memory, up to the small conductance at initialisation.
+    assert torch.allclose(per_unit, cell.log_tau.detach().exp(), rtol=0.2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, f64])
+def test_liquid_scan_is_finite_when_lambda_underflows_to_zero(dtype):
+    # 1/tau and the conductance both underflow: lambda = 0 exactly, where the drive (1 - a) f v / lambda
+    # is 0/0 unless computed in a safe form.  The unit then holds its state.
+    cell = LiquidScan(3, 4).to(dtype)
+    big = 200.0 if dtype == torch.float32 else 800.0
+    with torch.no_grad():
+        cell.log_tau.fill_(big)
+        cell.in_proj.weight.zero_()
+        cell.in_proj.bias[:4].fill_(-big)
+    u = torch.randn(2, 20, 3, dtype=dtype, requires_grad=True)
+    h0 = torch.randn(2, 4, dtype=dtype, requires_grad=True)
+    h, h_last = cell(u, h0)
+    assert torch.equal(h_last, h0.detach()) and torch.isfinite(h).all()
+    (h.sum() + h_last.sum()).backward()
+    for name, p in [("u", u), ("h0", h0)] + list(cell.named_parameters()):
+        assert torch.isfinite(p.grad).all(), name
+    assert torch.equal(h0.grad, torch.full_like(h0, 21.0))  # dh_t/dh0 = 1 for all 20 tokens + the state
 
 
 def test_cfc_matches_ncps_cell_equations():
@@ -283,6 +433,26 @@ def test_cfc_matches_ncps_cell_equations():
 # ---------------------------------------------------------------------------------------------
 # Spike encoders
 # ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T", [5, 40, 333])
+def test_temporal_encoder_state_backpropagates_like_the_loop(T):
+    torch.manual_seed(T)
+    s = torch.rand(2, T, 3, dtype=f64, requires_grad=True)   # real-valued: a rate with a gradient
+    e0 = torch.randn(2, 3, dtype=f64, requires_grad=True)
+    e, e_last = SpikeEncoder("temporal", 5.0, 10)(s, s, e0)
+    rho = math.exp(-1 / 5.0)
+    x, ref = e0, []
+    for s_t in s.unbind(1):
+        x = rho * x + (1 - rho) * s_t
+        ref.append(x)
+    ref = torch.stack(ref, 1)
+    assert rel_err(e, ref) < 1e-6 and rel_err(e_last, ref[:, -1]) < 1e-6
+    w, w_last = torch.randn_like(ref), torch.randn_like(e0)
+    got = torch.autograd.grad(final_state_loss(e, e_last, w, w_last), [s, e0])
+    exp = torch.autograd.grad(final_state_loss(ref, ref[:, -1], w, w_last), [s, e0])
+    for x, y in zip(got, exp):
+        assert rel_err(x, y) < 1e-6
+
 
 def test_spike_encoders_are_causal_filters():
     torch.manual_seed(0)

@@ -38,8 +38,10 @@ def causal_sdpa(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tens
 class CausalAttention(nn.Module):
     """Multi-head causal attention; queries from ``x``, keys/values from ``kv`` (= x for self-attention).
 
-    With a cache (a dict holding the past keys/values), new keys/values are appended and the new
-    queries attend to everything up to their own position."""
+    With a cache, new keys/values are written after the past ones and the new queries attend to
+    everything up to their own position.  A cache is ``{"k", "v": (B, h, capacity, d) buffers,
+    "len": filled positions}``; it is written in place (a state is consumed by the call that
+    advances it: to branch a generation, deep-copy the state first)."""
 
     def __init__(self, dim: int, heads: int, out_std: float, dropout: float = 0.0):
         super().__init__()
@@ -52,9 +54,11 @@ class CausalAttention(nn.Module):
             nn.init.normal_(lin.weight, std=0.02)
         nn.init.normal_(self.out_proj.weight, std=out_std)
 
-    def init_state(self, batch: int, device, dtype) -> dict:
-        empty = torch.zeros((batch, self.heads, 0, self.head_dim), device=device, dtype=dtype)
-        return {"k": empty, "v": empty.clone()}
+    def init_state(self, batch: int, device, dtype, max_len: int = 0) -> dict:
+        """An empty cache with room for ``max_len`` positions (it grows by doubling beyond that)."""
+        shape = (batch, self.heads, max_len, self.head_dim)
+        return {"k": torch.empty(shape, device=device, dtype=dtype),
+                "v": torch.empty(shape, device=device, dtype=dtype), "len": 0}
 
     def forward(self, x: Tensor, kv: Optional[Tensor] = None, cache: Optional[dict] = None,
                 return_state: bool = False) -> Tuple[Tensor, Optional[dict]]:
@@ -62,9 +66,32 @@ class CausalAttention(nn.Module):
         kv = x if kv is None else kv
         q = self.q_proj(x).view(Bsz, T, self.heads, self.head_dim).transpose(1, 2)
         k, v = self.kv_proj(kv).view(Bsz, T, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if cache is None and return_state:
+            cache = self.init_state(Bsz, k.device, k.dtype, T)
         if cache is not None:
-            k = torch.cat([cache["k"].to(k.dtype), k], dim=2)
-            v = torch.cat([cache["v"].to(v.dtype), v], dim=2)
+            k, v, cache = _append(cache, k, v)
         y = causal_sdpa(q, k, v, self.dropout if self.training else 0.0)
         y = self.out_proj(y.transpose(1, 2).reshape(Bsz, T, D))
-        return y, ({"k": k, "v": v} if return_state else None)
+        return y, (cache if return_state else None)
+
+
+def _append(cache: dict, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, dict]:
+    """Write k, v (B, h, T, d) after the cache's ``len`` positions; returns the filled keys and
+    values (views of the buffers) and the advanced cache."""
+    n, T = cache["len"], k.shape[2]
+    kb, vb = cache["k"], cache["v"]
+    if n + T > kb.shape[2] or kb.dtype != k.dtype or kb.device != k.device:
+        # Doubling keeps an unsized cache at amortised O(1) copying per token.
+        cap = max(n + T, 2 * kb.shape[2])
+        grown = [torch.empty((*k.shape[:2], cap, k.shape[3]), device=k.device, dtype=k.dtype)
+                 for _ in range(2)]
+        for new, old in zip(grown, (kb, vb)):
+            new[:, :, :n] = old[:, :, :n]
+        kb, vb = grown
+    elif k.requires_grad or kb.requires_grad:
+        # Under autograd an in-place write would invalidate the graph that read these buffers
+        # before; a differentiable (training-time) call pays one copy instead.
+        kb, vb = kb.clone(), vb.clone()
+    kb[:, :, n:n + T] = k
+    vb[:, :, n:n + T] = v
+    return kb[:, :, :n + T], vb[:, :, :n + T], {"k": kb, "v": vb, "len": n + T}

@@ -49,8 +49,8 @@ class CrossStreamAttention(nn.Module):
         self.norm_kv = RMSNorm(dim)
         self.attn = CausalAttention(dim, heads, out_std, dropout)
 
-    def init_state(self, batch: int, device, dtype) -> dict:
-        return self.attn.init_state(batch, device, dtype)
+    def init_state(self, batch: int, device, dtype, max_len: int = 0) -> dict:
+        return self.attn.init_state(batch, device, dtype, max_len)
 
     def forward(self, q_stream: Tensor, kv_stream: Tensor, cache: Optional[dict] = None,
                 return_state: bool = False):

@@ -64,11 +64,16 @@ class HybridBlock(nn.Module):
         if cfg.liquid_backbone == "cfc":
             self.liquid = CfC(H + S, L)
         else:
-            self.liquid = LiquidScan(H + S, L)
-            _normal_linear(self.liquid.in_proj, 0.02)
+            # LiquidScan initialises its own biases (the conductance bias sets the initial memory).
+            self.liquid = LiquidScan(H + S, L, init_std=0.02)
         sequential = cfg.use_mamba and cfg.integration_mode == "sequential"
         # In the sequential chain the liquid output feeds Mamba (not the residual): plain init.
-        self.liquid_out = _normal_linear(nn.Linear(L, H, bias=False), 0.02 if sequential else out_std)
+        # A liquid unit that starts with long memory starts with a small input gain (its state is
+        # ~INIT_GAIN x v); the readout makes up for it, so the branch's output scale at
+        # initialisation is that of a unit-gain cell.
+        gain = self.liquid.INIT_GAIN if isinstance(self.liquid, LiquidScan) else 1.0
+        self.liquid_out = _normal_linear(nn.Linear(L, H, bias=False),
+                                         (0.02 if sequential else out_std) / gain)
         self.mode = cfg.integration_mode if cfg.use_mamba else None
         if cfg.use_mamba:
             self.spike_encoder = SpikeEncoder(cfg.spike_to_mamba_method, cfg.spike_temporal_tau,
@@ -87,7 +92,7 @@ class HybridBlock(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.last_obs: Dict[str, Tensor] = {}
 
-    def init_state(self, batch: int, device, dtype) -> dict:
+    def init_state(self, batch: int, device, dtype, max_len: int = 0) -> dict:
         cd = compute_dtype(dtype)
         cfg = self.cfg
         st = {"v": torch.zeros((batch, cfg.spiking_units), device=device, dtype=cd),
@@ -96,9 +101,9 @@ class HybridBlock(nn.Module):
             st["enc"] = self.spike_encoder.init_state(batch, cfg.spiking_units, device, dtype)
             st["mamba"] = self.mamba.init_state(batch, device, dtype)
             if cfg.use_cross_attention:
-                st["x_lm"] = self.cross_lm.init_state(batch, device, dtype)
+                st["x_lm"] = self.cross_lm.init_state(batch, device, dtype, max_len)
                 if cfg.integration_mode == "bidirectional":
-                    st["x_ml"] = self.cross_ml.init_state(batch, device, dtype)
+                    st["x_ml"] = self.cross_ml.init_state(batch, device, dtype, max_len)
         return st
 
     def forward(self, x: Tensor, state: Optional[dict] = None, return_state: bool = False
@@ -111,6 +116,7 @@ class HybridBlock(nn.Module):
         spikes = rate.to(x.dtype)
         obs = {"spike_rate": hard_rate}
         hl, h_last = self.liquid(torch.cat([xn, spikes], dim=-1), st.get("h"))
+        obs.update(getattr(self.liquid, "last_obs", {}))  # the cfc backbone has no time constant to report
         l = self.liquid_out(hl)
         new.update(v=v_end, h=h_last)
         if self.mode is None:
@@ -151,8 +157,8 @@ class AttentionLayer(nn.Module):
         self.attn = CausalAttention(cfg.hidden_dim, cfg.num_attention_heads, out_std, cfg.dropout)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def init_state(self, batch: int, device, dtype) -> dict:
-        return self.attn.init_state(batch, device, dtype)
+    def init_state(self, batch: int, device, dtype, max_len: int = 0) -> dict:
+        return self.attn.init_state(batch, device, dtype, max_len)
 
     def forward(self, x: Tensor, state: Optional[dict] = None, return_state: bool = False):
         y, cache = self.attn(self.norm(x), None, state, return_state)
@@ -214,10 +220,15 @@ class HybridLM(nn.Module):
 
     # -- recurrent generation ----------------------------------------------------------------------
 
-    def init_state(self, batch_size: int, device=None, dtype=None) -> dict:
+    def init_state(self, batch_size: int, device=None, dtype=None, max_len: int = 0) -> dict:
+        """The state before the first token.  ``max_len``: the longest sequence (prompt + new
+        tokens) to be generated; the attention KV caches are allocated for it once, so decoding
+        writes into them in place (beyond it they grow by doubling).  Every other part of the
+        state has a fixed size."""
         device = device if device is not None else self.embed.weight.device
         dtype = dtype if dtype is not None else self.embed.weight.dtype
-        return {"pos": 0, "layers": [layer.init_state(batch_size, device, dtype) for layer in self.layers]}
+        return {"pos": 0, "layers": [layer.init_state(batch_size, device, dtype, max_len)
+                                     for layer in self.layers]}
 
     def step(self, token_ids: Tensor, state: dict) -> Tuple[Tensor, dict]:
         """One token per sequence: token_ids (B,) -> logits (B, V) and the advanced state."""
@@ -227,7 +238,8 @@ class HybridLM(nn.Module):
     # -- training helpers --------------------------------------------------------------------------
 
     def observables(self) -> Dict[str, Tensor]:
-        """Detached scalars from the last forward: spike rate (and gate mean) per hybrid block."""
+        """Detached scalars from the last forward, per hybrid block: spike rate, the liquid units' effective
+        time constants (mean, min, max of 1/lambda in tokens) and the gate mean."""
         out: Dict[str, Tensor] = {}
         rates = []
         for layer in self.layers:

@@ -14,6 +14,8 @@ solution for a step of length dt = 1 with the input held constant is
 
 a diagonal linear recurrence computed with the blocked :func:`diag_scan` (no per-token loop).  The
 effective time constant 1/lambda_t is input-dependent: that is what makes the cell "liquid".
+At initialisation the conductance is a small fraction of each unit's leak (f ~ 0.1/tau), so the
+effective time constants start spread over the sampled [tau_min, tau_max] (see ``__init__``).
 
 ``CfC`` (backbone ``cfc``): the closed-form continuous-time cell of ncps (mode "default"), whose gates
 depend on the previous hidden state:  x = lecun_tanh(W [u, h]);  t = sigmoid(time_a(x) * ts + time_b(x));
@@ -34,28 +36,62 @@ from .scan import compute_dtype, diag_scan
 
 
 class LiquidScan(nn.Module):
-    def __init__(self, in_dim: int, units: int, tau_min: float = 1.0, tau_max: float = 64.0):
+    # Initial conductance as a fraction of each unit's leak 1/tau (see __init__), and the input gain
+    # it implies: the state starts at about INIT_GAIN x the reversal potential v.
+    INIT_CONDUCTANCE = 0.1
+    INIT_GAIN = INIT_CONDUCTANCE / (1 + INIT_CONDUCTANCE)
+
+    def __init__(self, in_dim: int, units: int, tau_min: float = 1.0, tau_max: float = 64.0,
+                 init_std: float = 0.02):
         super().__init__()
         self.units = units
+        self.last_obs: dict = {}
         self.in_proj = nn.Linear(in_dim, 2 * units)
         # Time constants log-uniform in [tau_min, tau_max] tokens: a spread of memory lengths.
         log_tau = torch.empty(units).uniform_(math.log(tau_min), math.log(tau_max))
         self.log_tau = nn.Parameter(log_tau)
+        nn.init.normal_(self.in_proj.weight, std=init_std)
+        # lambda = 1/tau + f, so a conductance near softplus(0) = 0.69 would swamp every 1/tau <= 1
+        # and start all units with ~1-2 tokens of memory.  Starting each unit's f at a fixed small
+        # fraction eps of its own leak gives 1/lambda = tau / (1 + eps): the sampled time constants
+        # are the memory at start, and every unit has the same input gain f tau / (1 + f tau).
+        f0 = self.INIT_CONDUCTANCE * torch.exp(-log_tau)
+        with torch.no_grad():
+            self.in_proj.bias[:units].copy_(f0 + torch.log(-torch.expm1(-f0)))  # softplus^-1(f0)
+            self.in_proj.bias[units:].zero_()
 
     def init_state(self, batch: int, device, dtype) -> Tensor:
         return torch.zeros((batch, self.units), device=device, dtype=compute_dtype(dtype))
 
-    def forward(self, u: Tensor, h0: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    def _rates(self, u: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Conductance f, reversal potential v and decay rate lambda = 1/tau + f (compute dtype)."""
         z = self.in_proj(u)
-        cd = compute_dtype(z.dtype)
-        f_pre, v_pre = z.to(cd).chunk(2, dim=-1)
+        f_pre, v_pre = z.to(compute_dtype(z.dtype)).chunk(2, dim=-1)
         f = F.softplus(f_pre)
-        v = torch.tanh(v_pre)
-        lam = torch.exp(-self.log_tau.to(cd)) + f
+        return f, torch.tanh(v_pre), torch.exp(-self.log_tau.to(f.dtype)) + f
+
+    def effective_tau(self, u: Tensor) -> Tensor:
+        """1/lambda_t per token and unit (tokens): the memory of each unit at each input."""
+        return 1.0 / self._rates(u)[2]
+
+    def forward(self, u: Tensor, h0: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        f, v, lam = self._rates(u)
+        with torch.no_grad():  # effective time constants for the metrics; read only at log intervals
+            tau = lam.reciprocal()
+            self.last_obs = {"liquid_tau": tau.mean(), "liquid_tau_min": tau.amin(), "liquid_tau_max": tau.amax()}
         a = torch.exp(-lam)
-        b = -torch.expm1(-lam) * (f * v / lam)
-        h = diag_scan(a, b, h0)
-        return h.to(u.dtype), h[:, -1]
+        h = diag_scan(a, _one_minus_exp_over(lam) * f * v, h0)
+        # The state is kept across calls: a copy, so it does not pin the whole (B, T, units) output.
+        return h.to(u.dtype), h[:, -1].clone()
+
+
+def _one_minus_exp_over(lam: Tensor) -> Tensor:
+    """(1 - exp(-lam)) / lam, finite with a finite gradient down to lam = 0 (where 1/tau and f have
+    underflowed and the plain form is 0/0)."""
+    small = lam < 1e-2
+    big = lam.clamp_min(1e-2)  # the unused branch must stay finite too, or where() leaks NaN grads
+    series = 1.0 - lam * (0.5 - lam * (1.0 / 6.0 - lam / 24.0))  # error < lam^4 / 120
+    return torch.where(small, series, -torch.expm1(-big) / big)
 
 
 def lecun_tanh(x: Tensor) -> Tensor:

@@ -116,7 +116,8 @@ class Mamba(nn.Module):
         out = self.out_proj(y.to(hidden.dtype))
         new_state = None
         if return_state:
-            new_state = {"conv": xpad[..., xpad.shape[-1] - (self.d_conv - 1):], "ssm": h_last}
+            # A copy: the conv window must not pin the whole (B, E, T) input.
+            new_state = {"conv": xpad[..., xpad.shape[-1] - (self.d_conv - 1):].clone(), "ssm": h_last}
         return out, new_state
 
     def _forward_cuda(self, hidden: Tensor) -> Tensor:

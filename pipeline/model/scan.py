@@ -65,8 +65,9 @@ def _scan_core(a: Tensor, b: Tensor, h0: Optional[Tensor], reverse: bool = False
     nc = -(-T // Q)
     pad = nc * Q - T
     if pad:
-        # Padding sits after the end (before the start when reversed), so it never reaches real outputs.
-        a = torch.nn.functional.pad(a, (0, 0, 0, pad))
+        # Padding sits after the end, so in reverse it is crossed before any real position: it must
+        # be the identity step (decay 1, input 0), or it would wipe out the incoming state h0.
+        a = torch.nn.functional.pad(a, (0, 0, 0, pad), value=1.0)
         b = torch.nn.functional.pad(b, (0, 0, 0, pad))
     # Time-position-major layout: one contiguous (B, nc, F) slab per position inside the chunks.
     at = a.view(Bsz, nc, Q, F).permute(2, 0, 1, 3).contiguous()

@@ -186,7 +186,8 @@ class LIF(nn.Module):
         a, b = _membrane_coeffs(I, hard, self.beta, self.threshold, self.reset)
         U = diag_scan(a, b, v0c)
         spikes = _Spike.apply(U - self.threshold, hard, self.surrogate, self.slope)
-        v_end = _reset(U[:, -1], hard[:, -1], self.threshold, self.reset)
+        # A copy: the membrane is kept as state and must not pin the whole (B, T*K, S) U.
+        v_end = _reset(U[:, -1].clone(), hard[:, -1], self.threshold, self.reset)
         if K > 1:
             rate = spikes.view(Bsz, T, K, S).mean(2)
             mem = U.view(Bsz, T, K, S)[:, :, -1]
@@ -229,8 +230,8 @@ class SpikeEncoder(nn.Module):
                 state = spikes.new_zeros((Bsz, W - 1, S))
             x = torch.cat([state.to(spikes.dtype), spikes], dim=1)       # (B, W-1+T, S)
             out = F.avg_pool1d(x.transpose(1, 2), kernel_size=W, stride=1).transpose(1, 2)
-            return out, x[:, x.shape[1] - (W - 1):]
+            return out, x[:, x.shape[1] - (W - 1):].clone()  # a copy: the window must not pin x
         rho = math.exp(-1.0 / self.tau)
         a = torch.full_like(spikes[:1, :1], rho)
         e = diag_scan(a, (1 - rho) * spikes, state)
-        return e.to(spikes.dtype), e[:, -1]
+        return e.to(spikes.dtype), e[:, -1].clone()  # a copy: the trace must not pin e
