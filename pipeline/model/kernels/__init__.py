@@ -6,6 +6,7 @@ warning, never silently.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -27,8 +28,12 @@ def load(name: str):
         try:
             from torch.utils.cpp_extension import load as build
 
-            module = build(name=f"pipeline_{name}", sources=[str(_HERE / f"{name}.cpp")],
-                           extra_cflags=["-O3"], verbose=False)
+            source = _HERE / f"{name}.cpp"
+            # The build folder is keyed by name: naming it after the source's content lets checkouts of
+            # different versions keep their own builds instead of rebuilding over each other.
+            digest = hashlib.sha256(source.read_bytes() + torch.__version__.encode()).hexdigest()[:10]
+            module = build(name=f"pipeline_{name}_{digest}", sources=[str(source)], extra_cflags=["-O3"],
+                           verbose=False)
         except Exception as err:  # a missing compiler must not stop training: say so once, run slower
             log.warning("could not build the fused %s kernel (%s); using the tensor-op loop instead", name,
                         str(err).splitlines()[0] if str(err) else type(err).__name__)
