@@ -4,9 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DATA ?= data/demo
 DEMO_RUN ?= outputs/demo
+CONTINUAL_RUN ?= outputs/continual-demo
 NUM_PROCS ?= 2
+# A free port, so the demo does not collide with another job on this machine (DeepSpeed's default is 29500).
+MASTER_PORT ?= $(shell $(PYTHON) -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 
-.PHONY: setup demo demo-data test bench clean
+.PHONY: setup demo demo-data continual-demo test bench clean
 
 setup: $(VENV)/.installed
 
@@ -23,9 +26,17 @@ demo-data: setup
 
 demo: demo-data
 	rm -rf $(DEMO_RUN)
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH deepspeed --num_gpus $(NUM_PROCS) launch/train.py \
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH deepspeed --num_gpus $(NUM_PROCS) --master_port $(MASTER_PORT) launch/train.py \
 	  --deepspeed_config ds_configs/cpu.json --config launch/presets/demo.yaml \
 	  --data.data_dir $(DEMO_DATA) --train.out_dir $(DEMO_RUN)
+
+# The demo corpus split into 3 tasks (continual.num_tasks), with replay and EWC: the task x task matrix.
+continual-demo: demo-data
+	rm -rf $(CONTINUAL_RUN)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH deepspeed --num_gpus $(NUM_PROCS) --master_port $(MASTER_PORT) launch/train.py \
+	  --deepspeed_config ds_configs/cpu.json --config launch/presets/continual_demo.yaml \
+	  --data.data_dir $(DEMO_DATA) --train.out_dir $(CONTINUAL_RUN)
+	@echo "task x task matrix: $(CONTINUAL_RUN)/task_matrix.json (and .csv); heatmap: $(CONTINUAL_RUN)/task_matrix.png"
 
 test: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q tests

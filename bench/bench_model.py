@@ -229,6 +229,22 @@ def components(threads: int) -> None:
         scan, cfc = LiquidScan(H, L), CfC(H, L)
         print(f"  liquid B{B} T{T} in{H} units{L}: scan {t_fb(lambda: scan(u), u):8.1f} | "
               f"cfc {t_fb(lambda: cfc(u), u, reps=1):8.1f}")
+    # STDP (plasticity.stdp): the pre/post traces and the two outer-product terms, computed in the forward hook of
+    # every spiking layer of a training micro-batch, against the spiking layer itself (spike_proj + LIF, fwd+bwd).
+    from pipeline.engine.plasticity import stdp_terms
+    from pipeline.model.spiking import LIF
+
+    for B, T, H, S in [(32, 256, 128, 32), (8, 1024, 640, 128)]:
+        x = torch.randn(B, T, H).requires_grad_()
+        proj, lif = torch.nn.Linear(H, S), LIF(0.95, 1.0, 1, "subtract", "atan", 2.0)
+        with torch.no_grad():
+            proj.bias.fill_(0.5 * 0.05)
+            proj.weight.normal_(0, 0.5 * math.sqrt(1 - 0.95 ** 2) / math.sqrt(H))
+        spiking = t_fb(lambda: lif(proj(x))[0], x)
+        post = lif(proj(x))[0].detach()
+        traces = t_fb(lambda: stdp_terms(x.detach(), post, 20.0, 20.0)[0])
+        print(f"  STDP traces + terms B{B} T{T} H{H} S{S} (fwd only): {traces:8.2f} | spiking layer fwd+bwd "
+              f"{spiking:8.2f} (+{traces / spiking:.0%})")
 
 
 def main(argv=None) -> None:

@@ -37,7 +37,7 @@ def prepare(out_dir: str = "data/demo", inputs: Union[List[str], str, None] = No
 
     Args:
         out_dir: Output data folder (manifest.json, shards, tokenizer.model).
-        inputs: A file, glob or directory, or a list '[a,b]' (repeat with --inputs+). .jsonl: one document per line; other files: one document each.
+        inputs: A file, glob or directory, or a list '[a,b]' (repeat with --inputs+). .jsonl: one document per line; .parquet: one per row; other files: one document each.
         source: Embedded offline corpus: `python-stdlib` (this Python's standard-library sources).
         max_bytes: Cap on the bytes taken from --source (0: no cap).
         tokenizer: Existing SentencePiece .model to use instead of training one.
@@ -54,7 +54,7 @@ def prepare(out_dir: str = "data/demo", inputs: Union[List[str], str, None] = No
         task_bytes: Input bytes per work unit.
         split_by: Hash the document text (`content`) or its `doc_id` to pick its split.
         split_seed: Salt of the split hash.
-        text_field: Field of a .jsonl line holding the text.
+        text_field: Field of a .jsonl line (column of a .parquet file) holding the text.
     """
     start = time.time()
     files, described = resolve_files(inputs, source, max_bytes)

@@ -1,7 +1,8 @@
 """Input documents: expanding paths/globs, the embedded Python-stdlib corpus, work units, reading.
 
-A `.jsonl` file holds one document per line (a JSON object with a text field); every other file is
-one document. Work units (`Task`) are fixed by the inputs and `task_bytes` only, never by the number
+A `.jsonl` file holds one document per line (a JSON object with a text field), a `.parquet` file one
+document per row (a string column, `text_field`, as most public corpora ship); every other file is one
+document. Work units (`Task`) are fixed by the inputs and `task_bytes` only, never by the number
 of workers, so the output of `tokenize_shards` does not depend on how many workers ran.
 """
 from __future__ import annotations
@@ -19,8 +20,9 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 from pipeline.data.manifest import DataError
 
 JSONL_SUFFIXES = (".jsonl",)
+PARQUET_SUFFIXES = (".parquet",)
 # File types picked up when an input is a directory (explicit files and globs take any file).
-DIR_SUFFIXES = (".txt", ".md", ".rst", ".py", ".jsonl")
+DIR_SUFFIXES = (".txt", ".md", ".rst", ".py", ".jsonl", ".parquet")
 STDLIB_EXCLUDED_DIRS = frozenset({
     "site-packages", "dist-packages", "test", "tests", "idle_test", "idlelib", "__pycache__",
     "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
@@ -32,15 +34,17 @@ class InputFile:
     path: str
     """Where to read it."""
     name: str
-    """Identity used in `doc_id` (`name` for a text file, `name:line` for a jsonl line)."""
+    """Identity used in `doc_id` (`name` for a text file, `name:line` for a jsonl line, `name:row` for a
+    Parquet row, counted from 0)."""
     kind: str
-    """`text` (the file is one document) or `jsonl` (one document per line)."""
+    """`text` (the file is one document), `jsonl` (one document per line) or `parquet` (one per row)."""
     size: int
 
 
 @dataclass(frozen=True)
 class Task:
-    """A unit of work: several whole text files, or a line-aligned byte range of one jsonl file."""
+    """A unit of work: several whole text files, a line-aligned byte range of one jsonl file, or a range of
+    row groups of one Parquet file (`start`, `end`: row groups; `first_line`: the first row's index)."""
 
     index: int
     kind: str
@@ -56,7 +60,33 @@ class Task:
 
 
 def _kind(path: str) -> str:
-    return "jsonl" if path.lower().endswith(JSONL_SUFFIXES) else "text"
+    lower = path.lower()
+    return "jsonl" if lower.endswith(JSONL_SUFFIXES) else "parquet" if lower.endswith(PARQUET_SUFFIXES) else "text"
+
+
+def _parquet_file(path: str):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+
+
+def _parquet_tasks(f: InputFile, task_bytes: int, first_index: int) -> List[Task]:
+    """Consecutive row groups of about `task_bytes` (uncompressed) per task."""
+    meta = _parquet_file(f.path).metadata
+    tasks: List[Task] = []
+    start = row = rows = nbytes = 0
+    for group in range(meta.num_row_groups):
+        info = meta.row_group(group)
+        rows += info.num_rows
+        nbytes += info.total_byte_size
+        if nbytes >= task_bytes or group == meta.num_row_groups - 1:
+            tasks.append(Task(index=first_index + len(tasks), kind="parquet", path=f.path, name=f.name, start=start,
+                              end=group + 1, first_line=row, nbytes=nbytes))
+            start, row, rows, nbytes = group + 1, row + rows, 0, 0
+    return tasks
 
 
 def expand_inputs(inputs: Union[Sequence[str], str]) -> List[InputFile]:
@@ -126,7 +156,7 @@ def python_stdlib_files(max_bytes: int = 8_000_000) -> Tuple[List[InputFile], Di
 
 def plan_tasks(files: Sequence[InputFile], task_bytes: int = 1 << 20) -> List[Task]:
     """Group consecutive text files into tasks of about `task_bytes`; cut jsonl files into
-    line-aligned byte ranges of about `task_bytes`. Order is preserved."""
+    line-aligned byte ranges and Parquet files into row-group ranges of about `task_bytes`. Order is preserved."""
     task_bytes = max(1, int(task_bytes))
     tasks: List[Task] = []
     group: List[Tuple[str, str]] = []
@@ -146,6 +176,9 @@ def plan_tasks(files: Sequence[InputFile], task_bytes: int = 1 << 20) -> List[Ta
                 close_group()
             continue
         close_group()
+        if f.kind == "parquet":
+            tasks += _parquet_tasks(f, task_bytes, len(tasks))
+            continue
         size = os.path.getsize(f.path)
         if size == 0:
             continue
@@ -184,6 +217,8 @@ def read_task(task: Task, text_field: str = "text") -> Tuple[List[Tuple[str, str
                 raise DataError(f"{path}: cannot read ({err.strerror})") from None
             docs.append((name, _decode(data, path)))
         return docs, 0
+    if task.kind == "parquet":
+        return _read_parquet(task, text_field), 0
     try:
         with open(task.path, "rb") as handle:
             handle.seek(task.start)
@@ -212,6 +247,25 @@ def read_task(task: Task, text_field: str = "text") -> Tuple[List[Tuple[str, str
             raise DataError(f"{where}: field '{text_field}' must be a string, got {type(value).__name__}")
         docs.append((f"{task.name}:{lineno}", value))
     return docs, blank
+
+
+def _read_parquet(task: Task, text_field: str) -> List[Tuple[str, str]]:
+    import pyarrow as pa
+
+    parquet = _parquet_file(task.path)
+    names = parquet.schema_arrow.names
+    if text_field not in names:
+        raise DataError(f"{task.path}: Parquet file has no column '{text_field}' (columns: {', '.join(names)}); "
+                        "name the text column with --text_field")
+    column = parquet.read_row_groups(list(range(task.start, task.end)), columns=[text_field]).column(text_field)
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise DataError(f"{task.path}: column '{text_field}' holds {column.type}, not text")
+    texts = column.to_pylist()
+    if column.null_count:
+        row = task.first_line + texts.index(None)
+        raise DataError(f"{task.path}: row {row} of column '{text_field}' is null ({column.null_count} null rows "
+                        f"in row groups {task.start}-{task.end - 1}); drop or fill them before tokenizing")
+    return [(f"{task.name}:{task.first_line + i}", text) for i, text in enumerate(texts)]
 
 
 def iter_sentences(tasks: Sequence[Task], text_field: str = "text", max_bytes: int = 0, skip_document=None):

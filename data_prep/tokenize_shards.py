@@ -103,7 +103,7 @@ def _tokenize_task(task: Task) -> Dict[str, Any]:
     with pa.OSFile(part, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
     return {"index": task.index, "part": part, "hashes": hashes, "counts": counts, "empty_ids": empty_ids,
-            "blank_lines": blank, "text_bytes": sum(len(t.encode("utf-8")) for t in texts)}
+            "blank_lines": blank, "doc_bytes": np.array([len(t.encode("utf-8")) for t in texts], dtype=np.int64)}
 
 
 class _ShardWriter:
@@ -211,7 +211,7 @@ def tokenize_files(files: Sequence[InputFile], out_dir: str, tokenizer: str, val
         shutil.copyfile(tok_src, tok_dst)
     dtype = token_dtype_for_vocab(info["vocab_size"])
     tasks = plan_tasks(files, task_bytes)
-    input_bytes = sum(t.nbytes if t.kind == "jsonl" else 0 for t in tasks) + sum(
+    input_bytes = sum(t.nbytes if t.kind != "text" else 0 for t in tasks) + sum(
         f.size for f in files if f.kind == "text")
 
     part_dir = out / f".parts-{os.getpid()}"
@@ -290,18 +290,21 @@ def _merge(results: List[Dict[str, Any]], out: Path, info: Dict[str, Any], dtype
         for name, mask in (("train", ~val), ("validation", val)):
             if mask.any():
                 writers[name].add(table.filter(pa.array(mask)), r["counts"][mask])
+                text_bytes[name] += int(r["doc_bytes"][mask].sum())
         for name, i in forced.items():
             if offset <= i < offset + n:
                 forced_ids[name] = table.column(DOC_ID_COLUMN)[i - offset].as_py()
         offset += n
-    splits = {name: SplitInfo(name=name, shards=writers[name].close()) for name in SPLITS}
+    # UTF-8 bytes of each split's documents: evaluation's bits per byte compares runs across tokenizers.
+    splits = {name: SplitInfo(name=name, shards=writers[name].close(), extra={"text_bytes": text_bytes[name]})
+              for name in SPLITS}
     empty_ids = [d for r in results for d in r["empty_ids"]]
     stats = {
         "documents_seen": int(len(hashes) + len(empty_ids)),
         "empty_documents": len(empty_ids),
         "empty_document_ids": empty_ids[:_MAX_EMPTY_IDS],
         "blank_jsonl_lines": int(sum(r["blank_lines"] for r in results)),
-        "text_bytes": int(sum(r["text_bytes"] for r in results)),
+        "text_bytes": int(sum(text_bytes.values())),
     }
     split_rule = {
         "method": "sha256",
@@ -355,7 +358,7 @@ def tokenize_shards(inputs: Union[List[str], str], out_dir: str, tokenizer: str,
     """Tokenize text files / globs / directories / .jsonl files into Arrow shards and manifest.json.
 
     Args:
-        inputs: A file, glob or directory, or a list '[a,b]' (repeat with --inputs+). .jsonl: one document per line; other files: one document each.
+        inputs: A file, glob or directory, or a list '[a,b]' (repeat with --inputs+). .jsonl: one document per line; .parquet: one per row; other files: one document each.
         out_dir: Output folder (shards, manifest.json, a copy of the tokenizer).
         tokenizer: SentencePiece .model file (must have an EOS piece).
         val_fraction: Fraction of documents held out for validation (by document hash).
@@ -365,7 +368,7 @@ def tokenize_shards(inputs: Union[List[str], str], out_dir: str, tokenizer: str,
         record_batch_tokens: Tokens per Arrow record batch inside a shard (about).
         split_by: Hash the document text (`content`) or its `doc_id` to pick its split.
         split_seed: Salt of the split hash.
-        text_field: Field of a .jsonl line holding the text.
+        text_field: Field of a .jsonl line (column of a .parquet file) holding the text.
     """
     inputs = as_list(inputs)
     files = expand_inputs(inputs)

@@ -91,7 +91,7 @@ def train_tokenizer(inputs: Union[List[str], str], output: str = "tokenizer.mode
     """Train a SentencePiece model on text files / globs / directories / .jsonl files.
 
     Args:
-        inputs: A file, glob or directory, or a list '[a,b]' (repeat with --inputs+). .jsonl: one document per line; other files: one document each.
+        inputs: A file, glob or directory, or a list '[a,b]' (repeat with --inputs+). .jsonl: one document per line; .parquet: one per row; other files: one document each.
         output: Path of the .model file to write.
         vocab_size: Vocabulary size (includes 256 byte-fallback pieces and 4 special ids).
         model_type: `bpe` or `unigram`.
@@ -102,7 +102,7 @@ def train_tokenizer(inputs: Union[List[str], str], output: str = "tokenizer.mode
         seed: Seed of SentencePiece's line sampling.
         num_threads: Trainer threads; fixed because the model depends on it.
         split_digits: Split numbers into single digits.
-        text_field: Field of a .jsonl line holding the text.
+        text_field: Field of a .jsonl line (column of a .parquet file) holding the text.
         verbose: Show SentencePiece's training log.
     """
     tasks = plan_tasks(expand_inputs(inputs))

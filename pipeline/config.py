@@ -6,6 +6,7 @@ jsonargparse reads these dataclasses from YAML files and command-line overrides
 """
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional
 
@@ -133,6 +134,9 @@ class DataConfig:
     """Tokens per training sample (each sample reads sequence_length + 1 tokens: inputs and shifted targets)."""
     seed: int = 1234
     """Seed of the sample order; the order is a pure function of (seed, epoch, data config)."""
+    trace_samples: bool = False
+    """Append the global sample ids each rank reads to `<out_dir>/samples/rank<R>.jsonl` (one line per
+    micro-batch, across restarts): an audit of which samples a run saw."""
 
     def __post_init__(self) -> None:
         _require(self.sequence_length >= 2, f"data.sequence_length must be at least 2, got {self.sequence_length}")
@@ -143,9 +147,9 @@ class TrainConfig:
     """The training loop: schedule, evaluation, checkpoints, logging."""
 
     out_dir: str = "outputs/run"
-    """Run folder: checkpoints, training.log, metrics.csv."""
+    """Run folder: checkpoints, training.log, metrics.jsonl, report/."""
     max_steps: int = 200
-    """Optimizer steps to train for."""
+    """Optimizer steps to train for (with `continual.tasks`: 0 or the sum of the tasks' steps)."""
     lr: float = 1e-3
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
@@ -171,7 +175,16 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """Keep this many newest checkpoints (0: keep all)."""
     log_interval: int = 10
-    """Log training metrics every N steps."""
+    """Log training metrics (and refresh the progress bar) every N steps."""
+    peak_flops: Optional[float] = None
+    """Peak FLOP/s of one device for MFU (default: a datasheet value for known GPUs in the training precision,
+    measured with a short matmul on CPUs and unknown devices; the log states which)."""
+    tensorboard: Optional[str] = None
+    """Folder for DeepSpeed's TensorBoard monitor, fed with every metrics.jsonl record (needs `tensorboard`)."""
+    csv: Optional[str] = None
+    """Folder for DeepSpeed's CSV monitor, fed with every metrics.jsonl record."""
+    report: bool = True
+    """Write `<out_dir>/report/report.md` and its plots at the end of training (`python -m pipeline.report`)."""
     seed: int = 1234
     """Seed of parameter initialisation and dropout."""
     resume: str = "none"
@@ -182,14 +195,21 @@ class TrainConfig:
     """Use deterministic GPU kernels (slower), so a rerun or a resume on a GPU reproduces the losses bit for bit."""
     allow_cpu_fp16: bool = False
     """Declare fp16 supported on DeepSpeed's CPU accelerator (slow emulation) to rehearse the real fp16 path in tests."""
+    preemption_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals (SLURM: SIGTERM on preemption, `--signal=USR1@<s>` before the time limit) after which every
+    rank finishes its step, saves a checkpoint and exits with code 75 (requeue); [] to keep the default actions."""
 
     def __post_init__(self) -> None:
-        _require(self.max_steps > 0, "train.max_steps must be positive")
+        # 0 is for continual schedules, which set it to the sum of their tasks (checked in RunConfig).
+        _require(self.max_steps >= 0, "train.max_steps must be positive")
         _require(self.lr > 0, f"train.lr must be positive, got {self.lr}")
         _require(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio must lie in [0, 1]")
         _require(self.warmup_steps >= 0, "train.warmup_steps must be non-negative")
         for name in ("eval_interval", "checkpoint_interval", "log_interval"):
             _require(getattr(self, name) > 0, f"train.{name} must be positive")
+        for name in self.preemption_signals:
+            _require(name in signal.Signals.__members__ and name not in ("SIGKILL", "SIGSTOP"),
+                     f"train.preemption_signals: {name!r} is not a signal that can be caught (e.g. SIGTERM, SIGUSR1)")
 
 
 @dataclass
@@ -233,3 +253,135 @@ class StabilityConfig:
             step, _, rank = str(item).partition("@")
             _require(step.isdigit() and (rank == "*" or rank.isdigit()),
                      f"stability.drill_nan_loss entry {item!r} must look like STEP@RANK or STEP@*")
+
+
+@dataclass
+class TaskSpec:
+    """One task of a continual schedule: where its data is and how long it trains."""
+
+    name: str
+    """Name of the task in logs, metrics and the task matrix (unique; not `init`, the matrix's first row)."""
+    data_dir: Optional[str] = None
+    """Folder of tokenized shards (`data_prep` output); give this or `data_dirs`."""
+    data_dirs: List[str] = field(default_factory=list)
+    """Several folders blended per sample, in the proportions of `weights`."""
+    weights: List[float] = field(default_factory=list)
+    """Blend weights of `data_dirs` (positive; normalised to sum 1; default: equal)."""
+    steps: int = 0
+    """Optimizer steps of this task; give this or `tokens`."""
+    tokens: int = 0
+    """Budget in tokens of this task's own data (replayed samples do not count), rounded up to whole steps."""
+    lr: Optional[float] = None
+    """Peak learning rate of this task (default: train.lr)."""
+
+
+@dataclass
+class ContinualConfig:
+    """A sequence of tasks trained one after the other, with replay, EWC and a task x task evaluation matrix.
+
+    Off unless `tasks` or `num_tasks` is set. Task boundaries fall on optimizer steps, identical on every rank."""
+
+    tasks: List[TaskSpec] = field(default_factory=list)
+    """The tasks, trained in this order; `data.data_dir` is then not used."""
+    num_tasks: int = 0
+    """Instead of `tasks`: split `data.data_dir` into this many tasks by document ranges (`part1`, `part2`, ...),
+    `train.max_steps` shared out evenly (the old trainer's `--num-tasks`)."""
+    rewarm_steps: Optional[int] = None
+    """Linear LR warm-up at the start of every task, then that task's cosine decay to lr*min_lr_ratio
+    (default: train.warmup_steps; capped at each task's length)."""
+    replay_ratio: float = 0.0
+    """Share of each micro-batch drawn from earlier tasks (rounded to whole samples; 0: no replay)."""
+    replay_buffer_size: int = 20000
+    """Samples kept for replay: a uniform reservoir over all earlier tasks' trained samples (sample ids, not tokens)."""
+    ewc_lambda: float = 0.0
+    """EWC strength: the loss gains (ewc_lambda/2) * sum F (theta - theta*)^2 with the Fisher F normalised to
+    mean 1 per task, so it does not depend on the loss scale or model size (0: off)."""
+    ewc_gamma: float = 1.0
+    """Online EWC: the accumulated Fisher decays by this factor at each task boundary (1.0: plain EWC)."""
+    ewc_fisher_batches: int = 8
+    """Micro-batches per rank of the finished task's training data for its Fisher (per-sample squared gradients)."""
+    eval_batches: int = 50
+    """Validation micro-batches per rank per task (and per folder of a blend) for the task matrix
+    (0: the whole split)."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tasks) or self.num_tasks > 0
+
+    def __post_init__(self) -> None:
+        _require(not (self.tasks and self.num_tasks), "continual.tasks and continual.num_tasks exclude each other: "
+                 "give the tasks or the number of parts of data.data_dir")
+        _require(self.num_tasks != 1 and self.num_tasks >= 0,
+                 f"continual.num_tasks must be 0 (off) or at least 2, got {self.num_tasks}")
+        names = set()
+        for i, task in enumerate(self.tasks):
+            where = f"continual.tasks[{i}]"
+            _require(bool(task.name) and task.name != "init" and task.name not in names,
+                     f"{where}.name must be a unique non-empty name other than 'init', got {task.name!r}")
+            names.add(task.name)
+            _require((task.data_dir is None) != (not task.data_dirs),
+                     f"{where}.data_dir or {where}.data_dirs must be given (one of them, not both)")
+            _require(not task.weights or len(task.weights) == len(task.data_dirs),
+                     f"{where}.weights has {len(task.weights)} entries for {len(task.data_dirs)} data_dirs")
+            _require(all(w > 0 for w in task.weights), f"{where}.weights must be positive, got {task.weights}")
+            _require((task.steps > 0) != (task.tokens > 0),
+                     f"{where}.steps or {where}.tokens must be positive (one of them, not both)")
+            _require(task.steps >= 0 and task.tokens >= 0, f"{where}.steps and {where}.tokens must not be negative")
+            _require(task.lr is None or task.lr > 0, f"{where}.lr must be positive, got {task.lr}")
+        _require(self.rewarm_steps is None or self.rewarm_steps >= 0, "continual.rewarm_steps must be non-negative")
+        _require(0.0 <= self.replay_ratio < 1.0, f"continual.replay_ratio must lie in [0, 1), got {self.replay_ratio}")
+        _require(self.replay_buffer_size >= 1, "continual.replay_buffer_size must be positive")
+        _require(self.ewc_lambda >= 0, f"continual.ewc_lambda must be non-negative, got {self.ewc_lambda}")
+        _require(0.0 <= self.ewc_gamma <= 1.0, f"continual.ewc_gamma must lie in [0, 1], got {self.ewc_gamma}")
+        _require(self.ewc_fisher_batches >= 1, "continual.ewc_fisher_batches must be at least 1")
+        _require(self.eval_batches >= 0, "continual.eval_batches must be non-negative")
+
+
+@dataclass
+class PlasticityConfig:
+    """Local plasticity beside backprop (`pipeline/engine/plasticity.py`): STDP on the weights that feed the LIF
+    neurons, and metaplastic consolidation inside the optimizer. Both off by default; both act on the fp32 master
+    weights under ZeRO-2, identically on every rank, and never on a step the fp16 loss scaler skips."""
+
+    stdp: Literal["none", "pair", "homeostatic"] = "none"
+    """STDP on every block's `spike_proj` weight (input: the normed residual stream; output: the LIF spikes), applied
+    after each optimizer step: `pair` = the trace rule A+ post x trace_pre - A- trace_post x pre (batch x time mean);
+    `homeostatic` = the same with each neuron's depression scaled by (its running rate / stdp_target_rate), which
+    pulls rates toward the target. The old `use_stdp` + `stdp_type` (classical -> pair)."""
+    stdp_learning_rate: float = 0.01
+    """eta: the STDP update is eta * dW, fp32, every applied optimizer step; independent of the LR schedule."""
+    stdp_tau_plus: float = 20.0
+    """Time constant (tokens) of the pre-synaptic trace, trace <- trace * (1 - 1/tau) + x (at least 1)."""
+    stdp_tau_minus: float = 20.0
+    """Time constant (tokens) of the post-synaptic spike trace (at least 1)."""
+    stdp_a_plus: float = 0.005
+    """A+: potentiation amplitude (post spike after or with pre activity)."""
+    stdp_a_minus: float = 0.00525
+    """A-: depression amplitude (pre activity after a post spike)."""
+    stdp_target_rate: float = 0.1
+    """`homeostatic`: the firing rate (spikes per token) each neuron is pulled toward."""
+    stdp_rate_tau: float = 100.0
+    """`homeostatic`: time constant (optimizer steps) of each neuron's running firing rate."""
+    stdp_max_update: float = 0.01
+    """Bound: per layer and step, ||eta dW|| is clipped to this fraction of ||W||."""
+    meta: bool = False
+    """Metaplasticity (Laborieux et al. 2021, for real weights): an optimizer update that moves a weight further
+    from its value at the task start is scaled by 1 - tanh^2(meta_strength * |W - W_start|); norms, biases and
+    other 1-D parameters are exempt. The reference resets at each continual task start (else: the run's start)."""
+    meta_strength: float = 20.0
+    """m of the metaplastic attenuation: half of an outward update survives at |W - W_start| = 0.88 / m."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.stdp != "none" or self.meta
+
+    def __post_init__(self) -> None:
+        _require(self.stdp_learning_rate > 0, f"plasticity.stdp_learning_rate must be positive, got {self.stdp_learning_rate}")
+        for name in ("stdp_tau_plus", "stdp_tau_minus", "stdp_rate_tau"):
+            _require(getattr(self, name) >= 1.0, f"plasticity.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("stdp_a_plus", "stdp_a_minus"):
+            _require(getattr(self, name) >= 0, f"plasticity.{name} must be non-negative, got {getattr(self, name)}")
+        _require(0.0 < self.stdp_target_rate <= 1.0,
+                 f"plasticity.stdp_target_rate must lie in (0, 1] spikes per token, got {self.stdp_target_rate}")
+        _require(self.stdp_max_update > 0, f"plasticity.stdp_max_update must be positive, got {self.stdp_max_update}")
+        _require(self.meta_strength > 0, f"plasticity.meta_strength must be positive, got {self.meta_strength}")

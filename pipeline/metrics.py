@@ -1,4 +1,5 @@
-"""Run logging: console and `training.log` lines on rank 0, `metrics.jsonl` records, DeepSpeed monitors."""
+"""Run logging: console and `training.log` lines on rank 0, `metrics.jsonl` records, DeepSpeed monitors,
+and the measurements that go into the records (peak memory, bits per byte)."""
 from __future__ import annotations
 
 import json
@@ -30,6 +31,39 @@ def setup_logging(run_dir: Path, rank: int) -> logging.Logger:
     else:
         logger.setLevel(logging.WARNING)
     return logger
+
+
+def format_train_line(step: int, record: Mapping[str, object]) -> str:
+    """The periodic training line of `training.log` and plain consoles; scripts parse it, keep its format."""
+    grad_norm = record.get("grad_norm")
+    return "step %d: loss %.4f  lr %.2e  grad_norm %s  %.0f tok/s%s" % (
+        step, record["loss"], record["lr"], f"{grad_norm:.3f}" if grad_norm is not None else "n/a",
+        record["tokens_per_s"], f"  scale {record['loss_scale']:g}" if "loss_scale" in record else "")
+
+
+def peak_memory_gb(device=None) -> float:
+    """Peak memory in GiB (2^30 bytes, as DeepSpeed's memory reports): on a CUDA device the peak allocated
+    by tensors since start (or the last torch.cuda.reset_peak_memory_stats); elsewhere the process's peak
+    resident set, which also counts the interpreter and libraries (a few hundred MB)."""
+    if device is not None and str(device).startswith("cuda"):
+        import torch
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:  # Linux: the kernel's own high-water mark, exact at the moment of reading
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 2**20
+    except (OSError, StopIteration):
+        pass
+    import resource  # ru_maxrss is updated lazily on Linux: it can lag the resident set it should bound
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak * (1 if sys.platform == "darwin" else 1024) / 2**30  # bytes on macOS, KiB on Linux
+
+
+def bits_per_byte(loss: float, stream_tokens: int, text_bytes: int) -> float:
+    """Validation bits per byte from the mean token loss (nats), for a split of `text_bytes` UTF-8 bytes that
+    reads as `stream_tokens` predicted tokens (its documents' tokens plus one EOS each, as the reader packs
+    them). Only the split's tokens-per-byte ratio enters, so an evaluation of part of the split
+    (`train.eval_batches`) gives the same estimate. Comparable across tokenizers, unlike the loss."""
+    return loss / math.log(2) * stream_tokens / text_bytes
 
 
 def _plain(value):

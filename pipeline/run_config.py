@@ -7,7 +7,8 @@ from typing import Optional, Sequence
 
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
-from pipeline.config import DataConfig, ModelConfig, StabilityConfig, TrainConfig
+from pipeline.config import (ConfigError, ContinualConfig, DataConfig, ModelConfig, PlasticityConfig, StabilityConfig,
+                             TrainConfig)
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
@@ -19,10 +20,21 @@ class RunConfig:
     train: TrainConfig
     stability: StabilityConfig
     deepspeed_config: str
+    continual: ContinualConfig = dataclasses.field(default_factory=ContinualConfig)
+    plasticity: PlasticityConfig = dataclasses.field(default_factory=PlasticityConfig)
+
+    def __post_init__(self) -> None:
+        # A continual schedule sums its tasks' steps (checked against max_steps when it is resolved at start).
+        if not self.continual.enabled and self.train.max_steps <= 0:
+            raise ConfigError("train.max_steps must be positive")
+        if self.continual.num_tasks and self.train.max_steps < self.continual.num_tasks:
+            raise ConfigError(f"train.max_steps ({self.train.max_steps}) must give each of continual.num_tasks="
+                              f"{self.continual.num_tasks} tasks at least one step")
 
     def to_dict(self) -> dict:
         return {"model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data),
                 "train": dataclasses.asdict(self.train), "stability": dataclasses.asdict(self.stability),
+                "continual": dataclasses.asdict(self.continual), "plasticity": dataclasses.asdict(self.plasticity),
                 "deepspeed_config": self.deepspeed_config}
 
 
@@ -38,6 +50,8 @@ def build_parser() -> ArgumentParser:
     parser.add_class_arguments(DataConfig, "data")
     parser.add_class_arguments(TrainConfig, "train")
     parser.add_class_arguments(StabilityConfig, "stability")
+    parser.add_class_arguments(ContinualConfig, "continual")
+    parser.add_class_arguments(PlasticityConfig, "plasticity")
     return parser
 
 
@@ -46,7 +60,8 @@ def parse_run_config(argv: Optional[Sequence[str]] = None) -> RunConfig:
     namespace = parser.parse_args(argv)
     built = parser.instantiate(namespace)
     return RunConfig(model=built.model, data=built.data, train=built.train, stability=built.stability,
-                     deepspeed_config=built.deepspeed_config)
+                     deepspeed_config=built.deepspeed_config, continual=built.continual,
+                     plasticity=built.plasticity)
 
 
 def load_yaml_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:

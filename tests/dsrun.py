@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -38,6 +39,19 @@ def write_ds_config(path: Path, base: str = "ds_configs/fp16_stable.json", **fp1
     return path
 
 
+def run_group(cmd: list[str], env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run a launcher in a process group of its own: on a timeout its ranks are killed with it, not orphaned."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd)}\n{out[-4000:]}\n{err[-4000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def train(data_dir: Path, run_dir: Path, *overrides: str, ds_config: str | Path = "ds_configs/cpu.json",
           num_procs: int = 2, expect_rc: int = 0) -> subprocess.CompletedProcess:
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
@@ -48,7 +62,7 @@ def train(data_dir: Path, run_dir: Path, *overrides: str, ds_config: str | Path 
            "--data.data_dir", str(data_dir), "--train.out_dir", str(run_dir),
            "--train.log_interval", "1", *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    result = run_group(cmd, env)
     if result.returncode != expect_rc:
         raise AssertionError(f"rc={result.returncode} (expected {expect_rc})\n{result.stdout[-8000:]}\n"
                              f"{result.stderr[-4000:]}")

@@ -135,3 +135,78 @@ def test_cpu_accelerator_rng_is_torchs_own():
     saved = rng_state()
     assert saved["accelerator"] == {"device": "cpu", "states": []}
     set_rng_state(saved)
+
+
+# ---- checksums and the fallback from a damaged checkpoint ----------------------------------------
+
+def _three_checkpoints(tmp_path):
+    from pipeline.engine.checkpoint import CHECKSUM_FILE
+
+    states = ClientState()
+    counter = Counter()
+    states.register("counter", counter)
+    checkpointer = Checkpointer(tmp_path, states, keep=0)
+    for step in (1, 2, 3):
+        counter.value = step
+        folder = checkpointer.save(FakeEngine(), step)
+        listed = json_load(folder / CHECKSUM_FILE)["files"]
+        assert set(listed) == {"client.pt", "rng_rank0.pt"}
+    return checkpointer, counter
+
+
+def json_load(path):
+    import json
+
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("damage, words", [("truncate", "truncated"), ("flip", "sha256"), ("delete", "is missing"),
+                                           ("unfinished", "checksums.json is missing")])
+def test_damaged_newest_checkpoint_falls_back_with_a_warning_naming_it(tmp_path, caplog, damage, words):
+    checkpointer, counter = _three_checkpoints(tmp_path)
+    newest = tmp_path / "checkpoints" / "step00000003"
+    target = newest / ("checksums.json" if damage == "unfinished" else "client.pt")
+    data = target.read_bytes()
+    if damage == "truncate":
+        target.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        target.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    else:
+        target.unlink()
+    counter.value = 0
+    with caplog.at_level(logging.WARNING):
+        folder = checkpointer.load(FakeEngine(), "auto")
+    assert folder.name == "step00000002" and counter.value == 2
+    assert "step00000003" in caplog.text and words in caplog.text
+    assert (tmp_path / "checkpoints" / "corrupt-step00000003").is_dir() and not newest.exists()
+    assert checkpointer.latest_tag() == "step00000002"
+
+
+def test_no_intact_checkpoint_or_a_damaged_named_one_is_an_error(tmp_path):
+    from pipeline.engine.checkpoint import CheckpointError
+
+    checkpointer, _ = _three_checkpoints(tmp_path)
+    named = tmp_path / "checkpoints" / "step00000002"
+    (named / "client.pt").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="step00000002.*truncated"):
+        checkpointer.load(FakeEngine(), str(named))
+    for step in (1, 3):
+        (tmp_path / "checkpoints" / f"step{step:08d}" / "client.pt").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="no intact checkpoint"):
+        checkpointer.load(FakeEngine(), "auto")
+
+
+def test_checkpoints_from_before_checksums_still_resume(tmp_path):
+    checkpointer, counter = _three_checkpoints(tmp_path)
+    for folder in (tmp_path / "checkpoints").glob("step*"):
+        (folder / "checksums.json").unlink()
+    counter.value = 0
+    assert checkpointer.load(FakeEngine(), "auto").name == "step00000003" and counter.value == 3
+
+
+def test_auto_resume_does_not_go_past_latest(tmp_path):
+    """Steps above `latest` are left over from a run resumed from an older checkpoint: not the present."""
+    checkpointer, counter = _three_checkpoints(tmp_path)
+    (tmp_path / "checkpoints" / "latest").write_text("step00000002")
+    counter.value = 0
+    assert checkpointer.load(FakeEngine(), "auto").name == "step00000002" and counter.value == 2

@@ -109,10 +109,70 @@ def test_resume_continues_with_exactly_the_next_batches(packed_data_dir, stop_af
 
 def test_resume_refuses_a_different_data_config(packed_data_dir):
     state = reader(packed_data_dir).state_dict()
-    for kw, field in ((dict(seed=9), "seed"), (dict(sequence_length=L + 1), "sequence_length"),
-                      (dict(world_size=2), "world_size"), (dict(micro_batch_size=B + 1), "micro_batch_size")):
+    for kw, field in ((dict(seed=9), "seed"), (dict(sequence_length=L + 1), "sequence_length")):
         with pytest.raises(DataError, match=field):
             reader(packed_data_dir, **kw).load_state_dict(state)
+
+
+def test_order_at_a_fixed_layout_is_the_interleaved_one(packed_data_dir):
+    """Micro-batch k of rank r holds positions (k*B + b)*w + r of the epoch's permutation, every epoch."""
+    w = 2
+    r = reader(packed_data_dir, rank=1, world_size=w)
+    for epoch in (0, 1):
+        perm = np.random.default_rng((5, epoch)).permutation(r.num_windows)
+        for k in range(r.batches_per_epoch):
+            batch = r.next_batch()
+            positions = (k * B + np.arange(B)) * w + 1
+            assert batch["sample_index"].tolist() == (epoch * r.num_windows + positions).tolist()
+            assert [r.window_of(g) for g in batch["sample_index"].tolist()] == perm[positions].tolist()
+
+
+def _read(readers, batches):
+    ids = []
+    for _ in range(batches):
+        for r in readers:
+            ids += r.next_batch()["sample_index"].tolist()
+    return ids
+
+
+@pytest.mark.parametrize("before, after", [((2, 3), (1, 6)), ((1, 6), (2, 3)), ((2, 3), (3, 2)), ((3, 2), (1, 5))])
+def test_resume_at_another_layout_reads_every_sample_of_the_epoch_once(packed_data_dir, before, after):
+    """(world size, micro batch) changes between checkpoint and resume: the epoch goes on where it was."""
+    (w0, b0), (w1, b1) = before, after
+    first = [reader(packed_data_dir, rank=r, world_size=w0, micro_batch_size=b0) for r in range(w0)]
+    seen = _read(first, 3)
+    state = json.loads(json.dumps(first[0].state_dict()))
+    assert state["consumed"] == 3 * w0 * b0 and all(r.state_dict() == first[0].state_dict() for r in first)
+    second = [reader(packed_data_dir, rank=r, world_size=w1, micro_batch_size=b1) for r in range(w1)]
+    for r in second:
+        r.load_state_dict(state)
+    n = second[0].num_windows
+    remaining = (n - state["consumed"]) // (w1 * b1)
+    seen += _read(second, remaining)
+    assert len(seen) == len(set(seen)), "a sample was read twice"
+    assert sorted(seen) == list(range(len(seen))), "a sample was skipped"
+    assert n - len(seen) < w1 * b1, "only the tail that cannot fill one more micro-batch is dropped"
+    assert second[0].epoch == 0
+    following = _read(second, 1)  # the next epoch starts from its beginning
+    assert second[0].epoch == 1 and sorted(following) == list(range(n, n + w1 * b1))
+
+
+def test_a_state_of_the_earlier_format_still_loads(packed_data_dir):
+    full = reader(packed_data_dir, rank=0, world_size=2)
+    for _ in range(4):
+        full.next_batch()
+    old = {"format": 1, "epoch": 0, "position": 4, "samples_consumed": 4 * B * 2, "split": "train", "seed": 5,
+           "sequence_length": L, "micro_batch_size": B, "world_size": 2, "manifest_fingerprint": full.fingerprint}
+    resumed = reader(packed_data_dir, rank=0, world_size=2)
+    resumed.load_state_dict(old)
+    assert torch.equal(resumed.next_batch()["sample_index"], full.next_batch()["sample_index"])
+
+
+def test_trace_file_lists_the_samples_read(packed_data_dir, tmp_path):
+    r = reader(packed_data_dir, trace_file=tmp_path / "trace" / "rank0.jsonl")
+    ids = _read([r], 2)
+    lines = [json.loads(line) for line in (tmp_path / "trace" / "rank0.jsonl").read_text().splitlines()]
+    assert [g for line in lines for g in line["samples"]] == ids and lines[0]["epoch"] == 0
 
 
 @pytest.mark.parametrize("world", [1, 3])
@@ -141,7 +201,7 @@ def test_eval_pass_covers_every_target_once(packed_data_dir, world):
     assert len(set(counts)) == 1, "every rank must run the same number of eval batches"
     assert sorted(predicted) == list(range(1, len(stream)))
     assert all(predicted[p] == stream[p] for p in predicted)
-    assert readers[0].epoch == 0 and readers[0].position == 0
+    assert readers[0].epoch == 0 and readers[0].consumed == 0
 
 
 def test_corrupted_shard_is_refused_naming_the_file(data_copy):

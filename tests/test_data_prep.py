@@ -190,3 +190,54 @@ def test_tokenizer_trainer_never_sees_validation_documents(data_corpus, tmp_path
     manifest = tokenize_files(expand_inputs(str(data_corpus)), str(tmp_path / "out"), data_tokenizer,
                               val_fraction=0.4)
     assert manifest.splits["validation"].documents == len(held_out)
+
+
+def write_parquet(path: Path, texts, row_group_size: int = 3, column: str = "content") -> Path:
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({column: texts, "id": list(range(len(texts)))}), path, row_group_size=row_group_size)
+    return path
+
+
+def test_parquet_input_is_one_document_per_row(data_corpus, data_tokenizer, tmp_path):
+    texts = [text for _, text in all_documents(data_corpus) if text]
+    (tmp_path / "in").mkdir()
+    source = write_parquet(tmp_path / "in" / "corpus.parquet", texts)
+    files = expand_inputs([str(tmp_path / "in")])  # a folder picks up .parquet files
+    assert [f.kind for f in files] == ["parquet"]
+    tasks = plan_tasks(files, task_bytes=1500)
+    assert len(tasks) > 1 and [t.first_line for t in tasks][0] == 0  # cut by row groups
+    docs = [doc for task in tasks for doc in read_task(task, text_field="content")[0]]
+    assert [text for _, text in docs] == texts
+    assert [doc_id for doc_id, _ in docs] == [f"{files[0].name}:{row}" for row in range(len(texts))]
+    # The CLI names the column with --text_field; every row becomes a document of the data folder.
+    out = tmp_path / "data"
+    done = subprocess.run([sys.executable, "-m", "data_prep.prepare", "--inputs", str(source), "--tokenizer",
+                           str(data_tokenizer), "--text_field", "content", "--out_dir", str(out),
+                           "--val_fraction", "0.2", "--task_bytes", "1500"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    written = dict(shard_rows(out, "train") + shard_rows(out, "validation"))
+    sp = spm.SentencePieceProcessor(model_file=str(data_tokenizer))
+    assert written == {doc_id: sp.encode(text) for doc_id, text in docs}
+
+
+def test_parquet_errors_name_the_file_and_the_row(tmp_path):
+    bad_column = write_parquet(tmp_path / "a.parquet", ["x", "y"], column="body")
+    with pytest.raises(DataError, match=r"a\.parquet: Parquet file has no column 'text' \(columns: body, id\)"):
+        read_task(plan_tasks(expand_inputs([str(bad_column)]))[0])
+    nulls = write_parquet(tmp_path / "b.parquet", ["x", "y", None, "z"], row_group_size=2)
+    tasks = plan_tasks(expand_inputs([str(nulls)]), task_bytes=1)
+    read_task(tasks[0], text_field="content")
+    with pytest.raises(DataError, match=r"b\.parquet: row 2 of column 'content' is null"):
+        read_task(tasks[1], text_field="content")
+    numbers = tmp_path / "c.parquet"
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [1, 2]}), numbers)
+    with pytest.raises(DataError, match=r"c\.parquet: column 'text' holds int64, not text"):
+        read_task(plan_tasks(expand_inputs([str(numbers)]))[0])
+    broken = tmp_path / "d.parquet"
+    broken.write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match=r"d\.parquet: not a readable Parquet file"):
+        plan_tasks(expand_inputs([str(broken)]))

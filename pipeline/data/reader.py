@@ -4,16 +4,20 @@ Token stream: the split's documents in manifest order (shard by shard, row by ro
 EOS. Training samples are non-overlapping windows of `sequence_length + 1` stream tokens
 (inputs = window[:-1], targets = window[1:]); the tail that does not fill a window is dropped.
 
-Order: epoch `e` uses the permutation `numpy.random.default_rng((seed, e)).permutation(num_windows)`.
-Only its first `num_samples = batches_per_epoch * micro_batch_size * world_size` positions are used
-(the remainder, fewer than `micro_batch_size * world_size` windows, is dropped and reported as
-`samples_dropped`; a different subset is dropped each epoch). Rank `r` of `w` takes positions
-`r, r + w, r + 2w, ...` (interleaved); its micro-batch `k` holds positions `(k*B + b)*w + r`, so after
-`k` micro-batches on every rank exactly the positions `[0, k*B*w)` have been consumed.
-`sample_index` = `epoch * num_samples + position`: unique across ranks and epochs, and
-`sample_tokens(sample_index)` re-reads that sample.
+Order: epoch `e` uses the permutation `numpy.random.default_rng((seed, e)).permutation(num_windows)`,
+whatever the number of ranks. The ranks walk it together: `consumed` positions of the epoch's order
+are used up, and the next micro-batch of rank `r` of `w` holds positions `consumed + b*w + r`
+(b < B, interleaved); after it, `consumed` has grown by `B*w` on every rank. When the rest of the
+order cannot fill one more micro-batch on every rank, the epoch ends and that rest (fewer than
+`B*w` windows, `samples_dropped`; a different subset each epoch) is skipped. `num_samples =
+batches_per_epoch * B * w` is what an epoch uses when it starts from position 0.
+`sample_index` = `epoch * num_windows + position`: unique across ranks and epochs, independent of the
+number of ranks, and `sample_tokens(sample_index)` re-reads that sample.
 
-The `state_dict` is the same on every rank (DeepSpeed writes client state from rank 0 only).
+The `state_dict` is the same on every rank (DeepSpeed writes client state from rank 0 only) and
+holds no rank layout: a run checkpointed at N ranks (or micro batch B) continues at M ranks (or
+B') from the same position of the same epoch, so no sample of the epoch is read twice or skipped.
+At an unchanged layout the order is exactly the one of an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import torch
 from .manifest import (DOC_ID_COLUMN, META_TOKENIZER_SHA256, TOKENS_COLUMN, DataError, Manifest,
                        load_manifest)
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 1: per-rank micro-batch count of a fixed layout (still loaded)
 
 
 class _Chunk:
@@ -49,7 +53,8 @@ class PackedReader:
     def __init__(self, data_dir: os.PathLike | str, split: str = "train", sequence_length: int = 128,
                  micro_batch_size: int = 1, seed: int = 1234, rank: int = 0, world_size: int = 1,
                  verify_checksums: bool = True, expected_tokenizer_sha256: Optional[str] = None,
-                 manifest: Optional[Manifest] = None):
+                 manifest: Optional[Manifest] = None, trace_file: Optional[os.PathLike | str] = None,
+                 documents: Optional[tuple[int, int]] = None):
         if sequence_length < 1:
             raise DataError(f"sequence_length must be at least 1, got {sequence_length}")
         if micro_batch_size < 1:
@@ -69,6 +74,8 @@ class PackedReader:
         self.manifest.check_tokenizer(expected_tokenizer_sha256, verify_file=verify_checksums)
         self.fingerprint = self.manifest.fingerprint(split)
         self._open(verify_checksums)
+        if documents is not None:  # a continual task's part of the folder (continual.num_tasks)
+            self._keep_documents(*documents)
 
         window = self.sequence_length + 1
         self.num_windows = int(self.num_tokens // window)
@@ -78,8 +85,13 @@ class PackedReader:
         self.num_samples = self.batches_per_epoch * per_step
         self.samples_dropped = self.num_windows - self.num_samples
         self.epoch = 0
-        self.position = 0  # micro-batches consumed by each rank in the current epoch
+        self.consumed = 0  # positions of the current epoch's order read by all ranks together
+        self.samples_consumed = 0  # over all epochs and restarts, for logs
         self._perms: Dict[int, np.ndarray] = {}
+        # Audit trail: the global sample ids this rank reads, one JSON line per micro-batch.
+        self.trace_file = Path(trace_file) if trace_file is not None else None
+        if self.trace_file is not None:
+            self.trace_file.parent.mkdir(parents=True, exist_ok=True)
 
     # ---- opening shards -----------------------------------------------------------------
     def _open(self, verify_checksums: bool) -> None:
@@ -142,6 +154,20 @@ class PackedReader:
         # Doc ids per chunk start, to name documents of a sample.
         self._chunk_first_doc = np.zeros(len(chunks) + 1, dtype=np.int64)
         np.cumsum([len(c.doc_ids) for c in chunks], out=self._chunk_first_doc[1:])
+
+    def _keep_documents(self, first: int, end: int) -> None:
+        """Restrict the stream to the split's documents `[first, end)` (in manifest order)."""
+        if not 0 <= first < end <= self.num_documents:
+            raise DataError(f"{self.data_dir}: document range [{first}, {end}) is outside the {self.num_documents} "
+                            f"documents of split '{self.split}'")
+        self._doc_len = self._doc_len[first:end]
+        self._doc_voff = self._doc_voff[first:end]
+        self._doc_chunk = self._doc_chunk[first:end]
+        self._doc_start = self._doc_start[first:end] - self._doc_start[first]
+        self._chunk_first_doc = self._chunk_first_doc - first  # sample_documents counts documents from `first`
+        self.num_documents = end - first
+        self.num_tokens = int(self._doc_start[-1] + self._doc_len[-1] + 1)
+        self.fingerprint = f"{self.fingerprint}:documents[{first},{end})"  # another order: resume must refuse it
 
     # ---- manifest facts -----------------------------------------------------------------
     @property
@@ -209,9 +235,9 @@ class PackedReader:
 
     def window_of(self, sample_index: int) -> int:
         """Window index (stream offset / (L+1)) of a global sample index."""
-        if self.num_samples == 0:
+        if self.num_windows == 0:
             raise DataError("this reader has no samples")
-        epoch, position = divmod(int(sample_index), self.num_samples)
+        epoch, position = divmod(int(sample_index), self.num_windows)
         if epoch < 0:
             raise DataError(f"sample_index must be non-negative, got {sample_index}")
         return int(self._permutation(epoch)[position])
@@ -245,19 +271,24 @@ class PackedReader:
     def next_batch(self) -> Dict[str, torch.Tensor]:
         """This rank's next micro-batch; rolls over to the next epoch automatically."""
         self._check_nonempty()
-        if self.position >= self.batches_per_epoch:
-            self.epoch += 1
-            self.position = 0
         B, w = self.micro_batch_size, self.world_size
-        positions = (self.position * B + np.arange(B, dtype=np.int64)) * w + self.rank
+        if self.consumed + B * w > self.num_windows:
+            self.epoch += 1
+            self.consumed = 0
+        positions = self.consumed + np.arange(B, dtype=np.int64) * w + self.rank
         windows = self._permutation(self.epoch)[positions]
         L1 = self.sequence_length + 1
         tokens = torch.from_numpy(self.read_stream(windows * L1, L1))
-        self.position += 1
+        self.consumed += B * w
+        self.samples_consumed += B * w
+        sample_index = self.epoch * self.num_windows + positions
+        if self.trace_file is not None:
+            with self.trace_file.open("a") as f:
+                f.write(json.dumps({"epoch": self.epoch, "samples": sample_index.tolist()}) + "\n")
         return {
             "input_ids": tokens[:, :-1].contiguous(),
             "targets": tokens[:, 1:].contiguous(),
-            "sample_index": torch.from_numpy(self.epoch * self.num_samples + positions),
+            "sample_index": torch.from_numpy(sample_index),
         }
 
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
@@ -310,29 +341,36 @@ class PackedReader:
 
     # ---- state ---------------------------------------------------------------------------
     def _identity(self) -> Dict[str, Any]:
+        """What fixes the sample order; the rank layout (world size, micro batch) is not part of it."""
         return {"split": self.split, "seed": self.seed, "sequence_length": self.sequence_length,
-                "micro_batch_size": self.micro_batch_size, "world_size": self.world_size,
                 "manifest_fingerprint": self.fingerprint}
 
     def state_dict(self) -> Dict[str, Any]:
-        """Small, rank-independent position: the next `next_batch` continues from here."""
-        state = {"format": STATE_FORMAT, "epoch": self.epoch, "position": self.position,
-                 "samples_consumed": self.epoch * self.num_samples + self.position * self.micro_batch_size * self.world_size}
+        """Small, rank-independent position: the next `next_batch` continues from here, at any layout."""
+        state = {"format": STATE_FORMAT, "epoch": self.epoch, "consumed": self.consumed,
+                 "samples_consumed": self.samples_consumed,
+                 # For the record only: the layout that wrote this state.
+                 "micro_batch_size": self.micro_batch_size, "world_size": self.world_size}
         state.update(self._identity())
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        if not isinstance(state, dict) or state.get("format") not in (1, STATE_FORMAT):
             raise DataError(f"reader state has an unknown format: {state!r:.200}")
         mine = self._identity()
         diffs = [f"{k}: checkpoint {state.get(k)!r} vs now {v!r}" for k, v in mine.items() if state.get(k) != v]
         if diffs:
             raise DataError("cannot resume the data reader from a different data config (" + "; ".join(diffs) +
                             "); the sample order would not continue. Use the original data settings")
-        epoch, position = int(state["epoch"]), int(state["position"])
-        if epoch < 0 or not 0 <= position <= self.batches_per_epoch:
-            raise DataError(f"reader state position {position} outside [0, {self.batches_per_epoch}] (epoch {epoch})")
-        self.epoch, self.position = epoch, position
+        epoch = int(state["epoch"])
+        if state["format"] == 1:  # micro-batches per rank, at the layout saved beside it
+            consumed = int(state["position"]) * int(state["micro_batch_size"]) * int(state["world_size"])
+        else:
+            consumed = int(state["consumed"])
+        if epoch < 0 or not 0 <= consumed <= self.num_windows:
+            raise DataError(f"reader state position {consumed} outside [0, {self.num_windows}] (epoch {epoch})")
+        self.epoch, self.consumed = epoch, consumed
+        self.samples_consumed = int(state.get("samples_consumed", consumed))
 
     def describe(self) -> Dict[str, Any]:
         """Counts for logs: documents, tokens, samples, what is dropped."""

@@ -1,8 +1,16 @@
-"""Checkpoints: DeepSpeed's engine state plus our client state, per-rank RNG, resume and retention."""
+"""Checkpoints: DeepSpeed's engine state plus our client state, per-rank RNG, checksums, resume (at any
+world size) and retention."""
 from __future__ import annotations
 
+import argparse
+import contextlib
+import hashlib
+import io
+import json
 import logging
+import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -16,6 +24,14 @@ log = logging.getLogger(__name__)
 
 TAG_PREFIX = "step"
 RNG_FILE = "rng_rank{rank}.pt"
+CHECKSUM_FILE = "checksums.json"
+UNIVERSAL_PREFIX = "universal-"  # `<checkpoints>/universal-<tag>/`: a tag converted for another world size
+CORRUPT_PREFIX = "corrupt-"  # a tag that failed its checksums, kept for inspection, out of resume's way
+ZERO_PARTITIONS = "*_optim_states.pt"  # one per data-parallel rank under ZeRO-1/2
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint to resume from where one was asked for; the message names the folder and the problem."""
 
 
 def tag_for_step(step: int) -> str:
@@ -122,13 +138,112 @@ class RunConfigRecord:
                               if isinstance(saved.get(section), dict) and saved[section].get(key, value) != value)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_WRITER = re.compile(r"(?:pp_rank_|rng_rank)(\d+)")  # zero_pp_rank_<r>_..._optim_states.pt, rng_rank<r>.pt
+
+
+def _writer(name: str) -> int:
+    """The rank that wrote a checkpoint file: its ZeRO partition and RNG state; rank 0 the shared files."""
+    match = _WRITER.search(name)
+    return int(match.group(1)) if match else 0
+
+
+def _checkpoint_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(CHECKSUM_FILE))
+
+
+def hash_own_files(folder: Path, rank: int) -> None:
+    """Rank `rank`'s part of the checksums: size and sha256 of the files it wrote, in `checksums.json.rank<r>`.
+
+    Each rank hashes its own optimizer partition, so the time is that of one partition, not of all.
+    """
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in _checkpoint_files(folder) if _writer(p.name) == rank}
+    (folder / f"{CHECKSUM_FILE}.rank{rank}").write_text(json.dumps(files))
+
+
+def write_checksums(folder: Path) -> None:
+    """Merge the ranks' parts into `checksums.json`, hashing here whatever no part covers; written last,
+    it also marks the save as finished."""
+    files: dict = {}
+    for part in sorted(folder.glob(f"{CHECKSUM_FILE}.rank*")):
+        files.update(json.loads(part.read_text()))
+    for path in _checkpoint_files(folder):
+        if path.name not in files:
+            files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    tmp = folder / f"{CHECKSUM_FILE}.tmp"
+    tmp.write_text(json.dumps({"format": 1, "files": dict(sorted(files.items()))}, indent=1))
+    os.replace(tmp, folder / CHECKSUM_FILE)  # complete or absent, never half written
+    for part in folder.glob(f"{CHECKSUM_FILE}.rank*"):
+        part.unlink()
+
+
+def verify_checksums(folder: Path) -> Optional[str]:
+    """None when every file listed in the folder's checksums.json is intact; otherwise what is wrong, by file."""
+    listing = folder / CHECKSUM_FILE
+    if not listing.is_file():
+        return f"{listing} is missing, so its save did not finish"
+    try:
+        files = json.loads(listing.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        return f"{listing} is unreadable ({err})"
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            return f"{path} has {size} bytes where {expected['bytes']} were written ({'truncated' if size < expected['bytes'] else 'changed'})"
+        if _sha256(path) != expected["sha256"]:
+            return f"{path} does not match the sha256 in {CHECKSUM_FILE} (corrupt)"
+    return None
+
+
+def saved_world_size(folder: Path) -> int:
+    """Data-parallel ranks that wrote a ZeRO-1/2 checkpoint (its optimizer partitions); 0 if it holds none."""
+    return len(list(folder.glob(ZERO_PARTITIONS)))
+
+
+def convert_to_universal(folder: Path) -> Path:
+    """DeepSpeed's `ds_to_universal`, run here, into `<checkpoints>/universal-<tag>/` (reused when present).
+
+    The output cannot live inside the tag folder: DeepSpeed's checkpoint reader walks subfolders.
+    """
+    from deepspeed.checkpoint import ds_to_universal
+
+    out = folder.parent / f"{UNIVERSAL_PREFIX}{folder.name}"
+    if (out / "zero" / "optimizer_state.pt").is_file():
+        return out
+    tmp = folder.parent / f"{UNIVERSAL_PREFIX}{folder.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    # inject_missing_state: our checkpoints carry no Megatron-style universal_checkpoint_info (nothing to
+    # merge across tensor-parallel ranks); one worker each: no process pool forked from a training rank.
+    args = argparse.Namespace(input_folder=str(folder), output_folder=str(tmp), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress report would land in the middle of our log
+        ds_to_universal.main(args)
+    (folder.parent / "latest_universal").unlink(missing_ok=True)  # it names the .tmp folder; we never read it
+    os.replace(tmp, out)  # complete or absent
+    return out
+
+
 class Checkpointer:
     """Saves to `<run_dir>/checkpoints/<tag>/`, keeps the newest `keep`, finds what to resume from.
 
     The engine state (module, ZeRO optimizer partitions, LR scheduler, loss scaler, step counters) is
     DeepSpeed's own `save_checkpoint`; everything else that changes during training is the registered
     `states`, saved as DeepSpeed's client state, and each rank's RNG state goes in a file of its own,
-    since ranks draw different dropout.
+    since ranks draw different dropout. Rank 0 then writes `checksums.json` (size and sha256 of every
+    file). `load` verifies them: `resume auto` passes over a damaged newest checkpoint to the
+    previous one, with a warning naming the file, and a checkpoint written at another world size is
+    converted to DeepSpeed's universal format and loaded from it.
     """
 
     def __init__(self, run_dir: str | Path, states: Optional[ClientState] = None, keep: int = 2):
@@ -143,52 +258,148 @@ class Checkpointer:
         tag = latest.read_text().strip()
         return tag if (self.dir / tag).is_dir() else None
 
+    def tags(self) -> list[str]:
+        """Checkpoint folders, oldest first."""
+        return sorted(p.name for p in self.dir.glob(f"{TAG_PREFIX}*")
+                      if p.is_dir() and p.name[len(TAG_PREFIX):].isdigit())
+
     def save(self, engine, step: int) -> Path:
         tag = tag_for_step(step)
+        folder = self.dir / tag
+        if engine.global_rank == 0:
+            # The same step saved by an earlier attempt (a crash, a resume from an older checkpoint): its
+            # files (another world size's partitions, its conversion) must not mix with these.
+            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(self.dir / f"{UNIVERSAL_PREFIX}{tag}", ignore_errors=True)
+        comm.barrier()
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=self.states.state_dict())
-        torch.save(rng_state(), self.dir / tag / RNG_FILE.format(rank=engine.global_rank))
+        torch.save(rng_state(), folder / RNG_FILE.format(rank=engine.global_rank))
+        comm.barrier()  # every file is written
+        hash_own_files(folder, engine.global_rank)
         comm.barrier()
         if engine.global_rank == 0:
+            # The folder is shared by all ranks (a shared filesystem, as DeepSpeed's own loading assumes).
+            write_checksums(folder)
             self._prune()
-        return self.dir / tag
+        comm.barrier()  # no rank leaves, or exits on preemption, before the checkpoint is complete
+        return folder
 
     def _prune(self) -> None:
         if self.keep <= 0:
             return
-        tags = sorted(p for p in self.dir.glob(f"{TAG_PREFIX}*") if p.is_dir())
-        for old in tags[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        for old in self.tags()[:-self.keep]:
+            shutil.rmtree(self.dir / old, ignore_errors=True)
+            shutil.rmtree(self.dir / f"{UNIVERSAL_PREFIX}{old}", ignore_errors=True)
 
-    def resolve(self, resume: str) -> Optional[tuple[Path, str]]:
-        """Map `train.resume` to (load_dir, tag), or None to start fresh."""
+    def _plan(self, resume: str) -> dict:
+        """Rank 0's choice of what to load, for every rank: a JSON-able dict (see `load`)."""
+        plan = {"folder": None, "rejected": [], "error": None, "saved_world_size": 0}
         if resume == "none":
-            return None
+            return plan
         if resume == "auto":
-            tag = self.latest_tag()
-            return (self.dir, tag) if tag else None
-        path = Path(resume)
-        if not path.is_dir():
-            raise FileNotFoundError(f"train.resume={resume}: no such checkpoint folder")
-        if (path / "latest").is_file():
-            return path, (path / "latest").read_text().strip()
-        return path.parent, path.name
+            tags = self.tags()
+            if not any((self.dir / tag / CHECKSUM_FILE).is_file() for tag in tags):
+                # Written before checksums existed (or nothing there): DeepSpeed's `latest`, as always.
+                tag = self.latest_tag()
+                folder = self.dir / tag if tag else None
+            else:
+                # Newest first, but not past DeepSpeed's `latest`: a higher step is what a run resumed from
+                # an older checkpoint left behind, or a save cut short before it moved `latest`.
+                latest = self.latest_tag()
+                if latest is not None:
+                    tags = [tag for tag in tags if tag <= latest]
+                folder = None
+                for tag in reversed(tags):
+                    problem = verify_checksums(self.dir / tag)
+                    if problem is None:
+                        folder = self.dir / tag
+                        break
+                    plan["rejected"].append([tag, problem])
+                if folder is None:
+                    plan["error"] = (f"no intact checkpoint in {self.dir}: " + "; ".join(p for _, p in plan["rejected"]) +
+                                     ". Start over with --train.resume none, or repair and name one with --train.resume")
+                    return plan
+        else:
+            folder = Path(resume)
+            if not folder.is_dir():
+                plan["error"] = f"train.resume={resume}: no such checkpoint folder"
+                return plan
+            if (folder / "latest").is_file():  # a run's checkpoints/ folder: its newest
+                folder = folder / (folder / "latest").read_text().strip()
+            if (folder / CHECKSUM_FILE).is_file():
+                problem = verify_checksums(folder)
+                if problem is not None:
+                    plan["error"] = f"train.resume={resume}: {problem}"
+                    return plan
+        if folder is not None:
+            plan["folder"] = str(folder)
+            plan["saved_world_size"] = saved_world_size(folder)
+        return plan
+
+    def _convert(self, folder: Path, saved: int, world_size: int) -> str:
+        """Collective: rank 0 converts `folder` to a universal checkpoint; returns the tag to load.
+
+        ZeRO's optimizer partitions are cut for the world size that saved them; DeepSpeed's universal
+        checkpoint holds every parameter's fp32 weights and Adam moments whole, for any world size.
+        """
+        error = None
+        if comm.world()[0] == 0:
+            log.info("%s was written by %d ranks, this run has %d: converting it to DeepSpeed's universal "
+                     "checkpoint format (ds_to_universal)", folder, saved, world_size)
+            try:
+                log.info("universal checkpoint: %s", convert_to_universal(folder))
+            except Exception as err:  # every rank must hear of it, or the others wait forever
+                error = f"converting {folder} to a universal checkpoint failed: {type(err).__name__}: {err}"
+        error = comm.broadcast_object(error)
+        if error:
+            raise CheckpointError(error)
+        return f"{UNIVERSAL_PREFIX}{folder.name}"
 
     def load(self, engine, resume: str) -> Optional[Path]:
-        """Restore the engine, every registered state and this rank's RNG; return the folder (None: fresh start)."""
-        target = self.resolve(resume)
-        if target is None:
+        """Restore the engine, every registered state and this rank's RNG; return the folder (None: fresh start).
+
+        Rank 0 verifies and chooses, every rank loads what it chose (one broadcast).
+        """
+        rank, world_size = comm.world()
+        plan = comm.broadcast_object(self._plan(resume) if rank == 0 else None)
+        if plan["error"]:
+            raise CheckpointError(plan["error"])
+        if rank == 0 and plan["rejected"]:
+            for tag, problem in plan["rejected"]:
+                log.warning("checkpoint %s is damaged: %s. It is moved to %s%s and an older checkpoint is used",
+                            tag, problem, CORRUPT_PREFIX, tag)
+                shutil.rmtree(self.dir / f"{CORRUPT_PREFIX}{tag}", ignore_errors=True)
+                (self.dir / tag).rename(self.dir / f"{CORRUPT_PREFIX}{tag}")
+            (self.dir / "latest").write_text(Path(plan["folder"]).name)  # for generate.py and zero_to_fp32
+        if plan["folder"] is None:
             return None
-        load_dir, tag = target
-        path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
+        folder = Path(plan["folder"])
+        saved = plan["saved_world_size"]
+        load_dir, tag = folder.parent, folder.name
+        universal = bool(saved) and saved != world_size
+        if universal:
+            tag = self._convert(folder, saved, world_size)
+            # DeepSpeed reads this switch (`checkpoint.load_universal`) from its JSON at initialize();
+            # the decision comes later, once the checkpoint is chosen, so it is set for this one load.
+            engine._config.load_universal_checkpoint = True
+        try:
+            path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
+        finally:
+            if universal:
+                engine._config.load_universal_checkpoint = False
         if path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir / tag}")
-        folder = Path(load_dir) / tag
+            raise CheckpointError(f"DeepSpeed could not load checkpoint {load_dir / tag}")
+        scheduler = getattr(engine, "lr_scheduler", None)
+        if hasattr(scheduler, "last_batch_iteration"):
+            # DeepSpeed's schedulers restore their iteration but not `get_last_lr()`, which would report
+            # the LR of step 1 for the first resumed step; stepping to the same iteration re-derives both.
+            scheduler.step(scheduler.last_batch_iteration)
         self.states.load_state_dict(client_state or {}, source=str(folder))
         rng_file = folder / RNG_FILE.format(rank=engine.global_rank)
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=False))
         else:
-            log.warning("%s is missing (different world size?): this rank's RNG starts afresh", rng_file)
+            log.warning("%s is missing (written by %d ranks): this rank's RNG starts afresh", rng_file, saved)
         return folder
 
 

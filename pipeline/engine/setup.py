@@ -30,6 +30,11 @@ def load_deepspeed_config(path: str, train: TrainConfig) -> dict:
         config["train_micro_batch_size_per_gpu"] = train.micro_batch_size
     if train.gradient_accumulation_steps is not None:
         config["gradient_accumulation_steps"] = train.gradient_accumulation_steps
+    # DeepSpeed's own monitors, switched on from the run config; MetricsSink feeds them every record.
+    if train.tensorboard:
+        config["tensorboard"] = {"enabled": True, "output_path": train.tensorboard, "job_name": "metrics"}
+    if train.csv:
+        config["csv_monitor"] = {"enabled": True, "output_path": train.csv, "job_name": "metrics"}
     # train_batch_size is derived by DeepSpeed from micro batch x accumulation x world size;
     # a stale value in the JSON would contradict a command-line override.
     config.pop("train_batch_size", None)
@@ -97,16 +102,28 @@ def build_lr_scheduler(train: TrainConfig):
     return factory
 
 
-def initialize(model: torch.nn.Module, ds_config: dict, train: TrainConfig):
-    """`deepspeed.initialize` with AdamW over the model's own parameter groups."""
+def initialize(model: torch.nn.Module, ds_config: dict, train: TrainConfig, lr_scheduler=None, plasticity=None):
+    """`deepspeed.initialize` with AdamW over the model's own parameter groups.
+
+    `lr_scheduler`: a factory of another LR schedule (a continual schedule's per-task one); default WarmupCosineLR.
+    `plasticity`: a PlasticityConfig; with `meta` on, the optimizer is `MetaAdamW` (pipeline/engine/plasticity.py)."""
     import deepspeed
 
     groups = model.parameter_groups(train.weight_decay) if hasattr(model, "parameter_groups") else model.parameters()
     # torch's AdamW is on ZeRO's list of supported optimizers; DeepSpeed's fused/CPU Adam would need a
     # compiled op per machine, and the optimizer is never the bottleneck at this model size.
-    optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), weight_decay=train.weight_decay)
+    optimizer_class = torch.optim.AdamW
+    if plasticity is not None and plasticity.meta:
+        from pipeline.engine.plasticity import MetaAdamW, metaplastic_groups
+
+        # Metaplasticity scales the update inside the optimizer (matrices only: 1-D parameters get meta=0).
+        # ZeRO refuses optimizer classes off its list unless told otherwise; recorded in the run's ds_config.json.
+        groups, optimizer_class = metaplastic_groups(groups, plasticity.meta_strength), MetaAdamW
+        ds_config["zero_allow_untested_optimizer"] = True
+    optimizer = optimizer_class(groups, lr=train.lr, betas=(train.beta1, train.beta2), weight_decay=train.weight_decay)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                   lr_scheduler=build_lr_scheduler(train), config=ds_config)
+                                                   lr_scheduler=lr_scheduler or build_lr_scheduler(train),
+                                                   config=ds_config)
     return engine, scheduler
 
 
