@@ -229,8 +229,13 @@ def components(threads: int) -> None:
         scan, cfc = LiquidScan(H, L), CfC(H, L)
         print(f"  liquid B{B} T{T} in{H} units{L}: scan {t_fb(lambda: scan(u), u):8.1f} | "
               f"cfc {t_fb(lambda: cfc(u), u, reps=1):8.1f}")
-    # STDP (plasticity.stdp): the pre/post traces and the two outer-product terms, computed in the forward hook of
-    # every spiking layer of a training micro-batch, against the spiking layer itself (spike_proj + LIF, fwd+bwd).
+    stdp_components(t_fb)
+
+
+def stdp_components(t_fb) -> None:
+    """What `plasticity.stdp` costs: its traces and terms against the spiking layer, and in the demo model's step."""
+    # The pre/post traces and the two outer-product terms, computed in the forward hook of every spiking layer
+    # of a training micro-batch, against the spiking layer itself (spike_proj + LIF, fwd+bwd).
     from pipeline.engine.plasticity import stdp_terms
     from pipeline.model.spiking import LIF
 
@@ -245,6 +250,31 @@ def components(threads: int) -> None:
         traces = t_fb(lambda: stdp_terms(x.detach(), post, 20.0, 20.0)[0])
         print(f"  STDP traces + terms B{B} T{T} H{H} S{S} (fwd only): {traces:8.2f} | spiking layer fwd+bwd "
               f"{spiking:8.2f} (+{traces / spiking:.0%})")
+    # The whole training step of the demo preset's model (B8 T128, fwd+bwd), without and with homeostatic STDP
+    # (forward hooks, the per-micro-batch sums and the update after the step; no DeepSpeed), interleaved.
+    from pipeline.config import PlasticityConfig
+    from pipeline.engine.plasticity import STDP
+
+    demo = yaml.safe_load((ROOT / "launch/presets/demo.yaml").read_text())["model"]
+    cfg = ModelConfig(**demo)
+    ids = torch.randint(0, cfg.vocab_size, (8, 128))
+    plain, plastic = HybridLM(cfg), HybridLM(cfg)
+    stdp = STDP(PlasticityConfig(stdp="homeostatic"), plastic)
+
+    def demo_step(model, with_stdp):
+        t = time.perf_counter()
+        F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+        if with_stdp:
+            stdp.accept_micro_batch()
+            stdp.after_step()
+        return (time.perf_counter() - t) * 1e3
+
+    times = {False: [], True: []}
+    for _ in range(8):
+        for with_stdp in (False, True):
+            times[with_stdp].append(demo_step(plastic if with_stdp else plain, with_stdp))
+    base, with_stdp = min(times[False][1:]), min(times[True][1:])
+    print(f"  demo model training step B8 T128: {base:8.1f} | with STDP {with_stdp:8.1f} (+{with_stdp / base - 1:.1%})")
 
 
 def main(argv=None) -> None:

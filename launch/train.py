@@ -23,7 +23,8 @@ from pipeline import comm
 from pipeline.config import ConfigError
 from pipeline.continual import ContinualRun
 from pipeline.data import DataError, PackedReader
-from pipeline.engine.checkpoint import CheckpointError, Checkpointer, ClientState, RunConfigRecord
+from pipeline.engine.checkpoint import (BEST_TAG, BestCheckpoint, CheckpointError, Checkpointer, ClientState,
+                                        RunConfigRecord)
 from pipeline.engine.evaluation import evaluate, lm_loss
 from pipeline.engine.plasticity import Plasticity
 from pipeline.engine.preemption import PREEMPTED_EXIT_CODE, Preemption
@@ -107,6 +108,8 @@ def main(argv=None) -> int:
     states.register("guard", guard)
     states.register("scale_watch", scale_watch)
     states.register("run_config", run_config)
+    best = BestCheckpoint()
+    states.register("best", best, optional=True)  # checkpoints from before `best` existed still resume
     if continual is not None:  # the schedule, replay buffer, EWC and task matrix
         continual.attach(engine, guard)
         continual.register(states)
@@ -135,6 +138,9 @@ def main(argv=None) -> int:
                  result["perplexity"], result["accuracy"], f"  bpb {result['bpb']:.4f}" if "bpb" in result else "",
                  result["tokens"])
         metrics.write("eval", step, result)
+        # A continual schedule evaluates each task on its own data: its losses do not rank checkpoints.
+        if cfg.train.keep_best and continual is None and best.improved(step, result["loss"]):
+            log.info("best validation loss so far: checkpoint %s", checkpointer.save(engine, step, tag=BEST_TAG))
 
     def save(step: int) -> None:
         log.info("checkpoint %s", checkpointer.save(engine, step))

@@ -11,6 +11,9 @@ collective of the pipeline, the master port's broadcast under mpirun, is here to
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
+
 import json
 import os
 import re
@@ -203,4 +206,15 @@ def init_distributed() -> tuple[int, int]:
                                 ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
                 os.environ.setdefault(name, value)
     deepspeed.init_distributed(distributed_port=port)
+    atexit.register(_remove_shm_buffer, dist.get_rank())
     return world()
+
+
+def _remove_shm_buffer(rank: int) -> None:
+    """DeepSpeed's CPU shared-memory allreduce creates a 69 MB buffer per rank in /dev/shm, named after the
+    master address and port, and never removes it: a machine that runs many jobs fills its RAM-backed
+    /dev/shm. By exit every peer has mapped it long ago (at initialisation), so unlinking is safe."""
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+            f"{os.environ.get('MASTER_PORT')}_{rank}")
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join("/dev/shm", name))

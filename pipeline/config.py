@@ -174,6 +174,9 @@ class TrainConfig:
     """Save a checkpoint every N steps (and after the last step)."""
     keep_checkpoints: int = 2
     """Keep this many newest checkpoints (0: keep all)."""
+    keep_best: bool = True
+    """Also keep the checkpoint of the lowest validation loss as `checkpoints/best` (saved at each new best,
+    never pruned; `launch/generate.py --tag best`)."""
     log_interval: int = 10
     """Log training metrics (and refresh the progress bar) every N steps."""
     peak_flops: Optional[float] = None

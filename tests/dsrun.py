@@ -1,6 +1,7 @@
 """Starting real DeepSpeed training processes from tests (2 CPU ranks, gloo)."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -56,7 +57,8 @@ def train(data_dir: Path, run_dir: Path, *overrides: str, ds_config: str | Path 
           num_procs: int = 2, expect_rc: int = 0) -> subprocess.CompletedProcess:
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
     assert launcher, "the deepspeed launcher is not on PATH"
-    cmd = [launcher, "--num_gpus", str(num_procs), "--master_port", str(free_port()),
+    port = free_port()
+    cmd = [launcher, "--num_gpus", str(num_procs), "--master_port", str(port),
            str(ROOT / "launch/train.py"), "--deepspeed_config", str(ROOT / ds_config),
            "--config", str(ROOT / "launch/presets/tiny.yaml"),
            "--data.data_dir", str(data_dir), "--train.out_dir", str(run_dir),
@@ -66,6 +68,8 @@ def train(data_dir: Path, run_dir: Path, *overrides: str, ds_config: str | Path 
     if result.returncode != expect_rc:
         raise AssertionError(f"rc={result.returncode} (expected {expect_rc})\n{result.stdout[-8000:]}\n"
                              f"{result.stderr[-4000:]}")
+    leftover = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
+    assert not leftover, f"DeepSpeed's shared-memory buffers were left behind: {leftover}"
     return result
 
 

@@ -28,7 +28,7 @@ class FakeEngine:
 
     global_rank = 0
 
-    def save_checkpoint(self, save_dir, tag, client_state):
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest=True):
         os.makedirs(f"{save_dir}/{tag}", exist_ok=True)
         torch.save(client_state, f"{save_dir}/{tag}/client.pt")
         with open(f"{save_dir}/latest", "w") as f:
@@ -210,3 +210,42 @@ def test_auto_resume_does_not_go_past_latest(tmp_path):
     (tmp_path / "checkpoints" / "latest").write_text("step00000002")
     counter.value = 0
     assert checkpointer.load(FakeEngine(), "auto").name == "step00000002" and counter.value == 2
+
+
+def test_optional_state_may_be_missing_from_older_checkpoints():
+    states = ClientState()
+    reader, best = Counter(), Counter()
+    states.register("reader", reader)
+    states.register("best", best, optional=True)
+    best.value = 4
+    states.load_state_dict({"reader": {"value": 2}})
+    assert (reader.value, best.value) == (2, 4)
+
+
+def test_best_checkpoint_tracks_the_lowest_validation_loss_after_step_0():
+    from pipeline.engine.checkpoint import BestCheckpoint
+
+    best = BestCheckpoint()
+    assert not best.improved(0, 1.0), "the untrained model is not worth a checkpoint"
+    assert best.improved(10, 5.0) and not best.improved(20, 5.5) and best.improved(30, 4.0)
+    restored = BestCheckpoint()
+    restored.load_state_dict(best.state_dict())
+    assert (restored.step, restored.loss) == (30, 4.0) and not restored.improved(40, 4.5)
+
+
+def test_a_tagged_checkpoint_is_neither_latest_nor_pruned(tmp_path):
+    class Engine(FakeEngine):
+        def save_checkpoint(self, save_dir, tag, client_state, save_latest=True):
+            os.makedirs(f"{save_dir}/{tag}", exist_ok=True)
+            torch.save(client_state, f"{save_dir}/{tag}/client.pt")
+            if save_latest:
+                with open(f"{save_dir}/latest", "w") as f:
+                    f.write(tag)
+
+    checkpointer = Checkpointer(tmp_path, ClientState(), keep=1)
+    checkpointer.save(Engine(), 1)
+    checkpointer.save(Engine(), 1, tag="best")
+    checkpointer.save(Engine(), 2)
+    checkpointer.save(Engine(), 3)
+    assert checkpointer.latest_tag() == "step00000003"
+    assert sorted(p.name for p in checkpointer.dir.iterdir() if p.is_dir()) == ["best", "step00000003"]

@@ -128,6 +128,18 @@ def test_train_records_hold_liquid_time_constants(real_run):
 
 
 @pytest.mark.distributed
+def test_the_best_validation_checkpoint_is_kept_beside_the_newest(real_run):
+    import torch
+
+    evals = [r for r in read_metrics(real_run, "eval") if r["step"] > 0]
+    best = min(evals, key=lambda r: r["loss"])
+    saved = torch.load(real_run / "checkpoints" / "best" / "mp_rank_00_model_states.pt", map_location="cpu",
+                       weights_only=False)
+    assert saved["best"] == {"loss": best["loss"], "step": best["step"]}
+    assert (real_run / "checkpoints" / "latest").read_text().strip() == "step00000006"
+
+
+@pytest.mark.distributed
 def test_eval_records_hold_bits_per_byte(real_run):
     for record in read_metrics(real_run, "eval"):
         assert 0.0 < record["bpb"] < record["loss"] / math.log(2)  # more than one byte per token

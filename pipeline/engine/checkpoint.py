@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -96,14 +97,19 @@ class ClientState:
 
     def __init__(self):
         self._components: dict[str, object] = {}
+        self._optional: set[str] = set()
 
-    def register(self, name: str, component) -> None:
+    def register(self, name: str, component, optional: bool = False) -> None:
+        """`optional`: a checkpoint written before this state existed still loads; the component keeps
+        its fresh state (only for state whose absence changes no result, such as bookkeeping)."""
         if name in self._components:
             raise ValueError(f"checkpoint state {name!r} is registered twice")
         for method in ("state_dict", "load_state_dict"):
             if not callable(getattr(component, method, None)):
                 raise TypeError(f"checkpoint state {name!r} ({type(component).__name__}) has no {method}()")
         self._components[name] = component
+        if optional:
+            self._optional.add(name)
 
     def names(self) -> list[str]:
         return list(self._components)
@@ -112,12 +118,13 @@ class ClientState:
         return {name: component.state_dict() for name, component in self._components.items()}
 
     def load_state_dict(self, state: dict, source: str = "the checkpoint") -> None:
-        missing = [name for name in self._components if name not in state]
+        missing = [name for name in self._components if name not in state and name not in self._optional]
         if missing:
             raise KeyError(f"{source} holds no state for {', '.join(missing)}: it was written by another version "
                            "of the trainer or another kind of run")
         for name, component in self._components.items():
-            component.load_state_dict(state[name])
+            if name in state:
+                component.load_state_dict(state[name])
 
 
 class RunConfigRecord:
@@ -234,6 +241,31 @@ def convert_to_universal(folder: Path) -> Path:
     return out
 
 
+BEST_TAG = "best"
+
+
+class BestCheckpoint:
+    """The lowest validation loss so far and its step: the trainer keeps that step's checkpoint as `best`.
+
+    Every rank gets the same all-reduced evaluation loss, so every rank takes the same decision."""
+
+    def __init__(self):
+        self.loss = math.inf
+        self.step: Optional[int] = None
+
+    def improved(self, step: int, loss: float) -> bool:
+        if step > 0 and loss < self.loss:  # step 0 is the untrained model: nothing worth keeping
+            self.loss, self.step = loss, step
+            return True
+        return False
+
+    def state_dict(self) -> dict:
+        return {"loss": self.loss, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss, self.step = state["loss"], state["step"]
+
+
 class Checkpointer:
     """Saves to `<run_dir>/checkpoints/<tag>/`, keeps the newest `keep`, finds what to resume from.
 
@@ -263,8 +295,10 @@ class Checkpointer:
         return sorted(p.name for p in self.dir.glob(f"{TAG_PREFIX}*")
                       if p.is_dir() and p.name[len(TAG_PREFIX):].isdigit())
 
-    def save(self, engine, step: int) -> Path:
-        tag = tag_for_step(step)
+    def save(self, engine, step: int, tag: Optional[str] = None) -> Path:
+        """A checkpoint of `step` under `step<N>`, or under `tag` (e.g. `best`): such a checkpoint is never
+        pruned and never becomes DeepSpeed's `latest`, so `--train.resume auto` does not pick it."""
+        tag = tag or tag_for_step(step)
         folder = self.dir / tag
         if engine.global_rank == 0:
             # The same step saved by an earlier attempt (a crash, a resume from an older checkpoint): its
@@ -272,7 +306,8 @@ class Checkpointer:
             shutil.rmtree(folder, ignore_errors=True)
             shutil.rmtree(self.dir / f"{UNIVERSAL_PREFIX}{tag}", ignore_errors=True)
         comm.barrier()
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state=self.states.state_dict())
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state=self.states.state_dict(),
+                               save_latest=tag.startswith(TAG_PREFIX))
         torch.save(rng_state(), folder / RNG_FILE.format(rank=engine.global_rank))
         comm.barrier()  # every file is written
         hash_own_files(folder, engine.global_rank)

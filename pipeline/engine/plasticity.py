@@ -82,18 +82,20 @@ def stdp_terms(pre: Tensor, post: Tensor, tau_plus: float, tau_minus: float) -> 
         rate (S,)  = mean_{b,t} post_t
 
     (the depression term reads the post trace one token back, so a simultaneous pair counts once, as potentiation).
+    The pre trace is never formed: sum_t post_t (x) trace_pre_t = sum_k (sum_{t>=k} a+^{t-k} post_t) (x) pre_k, a
+    reverse-time trace of the spikes, so both traces are S wide (not H wide; two blocked scans, no per-token loop)
+    and both terms come from one matmul with the pre activity.
     """
     with torch.no_grad():
         cd = compute_dtype(pre.dtype)
         pre, post = pre.detach().to(cd), post.detach().to(cd)
         n = pre.shape[0] * pre.shape[1]
-        trace_pre = diag_scan(pre.new_full((1, 1, 1), 1.0 - 1.0 / tau_plus), pre)
-        trace_post = diag_scan(post.new_full((1, 1, 1), 1.0 - 1.0 / tau_minus), post)
-        trace_post_before = F.pad(trace_post[:, :-1], (0, 0, 1, 0))
-        post2, pre2 = post.reshape(n, -1), pre.reshape(n, -1)
-        ltp = post2.T @ trace_pre.reshape(n, -1) / n
-        ltd = trace_post_before.reshape(n, -1).T @ pre2 / n
-        return ltp, ltd, post2.mean(0)
+        ahead = diag_scan(post.new_full((1, 1, 1), 1.0 - 1.0 / tau_plus), post.flip(1)).flip(1)
+        behind = diag_scan(post.new_full((1, 1, 1), 1.0 - 1.0 / tau_minus), post)
+        behind = F.pad(behind[:, :-1], (0, 0, 1, 0))  # trace_post_{t-1}
+        terms = torch.cat([ahead, behind], dim=-1).reshape(n, -1).T @ pre.reshape(n, -1) / n  # (2S, H)
+        ltp, ltd = terms.chunk(2)
+        return ltp, ltd, post.reshape(n, -1).mean(0)
 
 
 def stdp_delta(ltp: Tensor, ltd: Tensor, a_plus: float, a_minus: float,
