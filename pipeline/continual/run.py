@@ -96,7 +96,7 @@ class ContinualRun:
         penalty = self.ewc.penalty()
         if penalty is None:
             return loss
-        self._penalty_sum += float(penalty.detach())
+        self._penalty_sum = self._penalty_sum + penalty.detach().double()  # on the device: read at log time only
         self._penalty_count += 1
         return loss + penalty.to(loss.dtype)
 
@@ -109,7 +109,7 @@ class ContinualRun:
         record = {"task": self.schedule.task_for_step(self.engine.global_steps).name,
                   "replay_buffer": len(self.replay)}
         if self._penalty_count:
-            record["ewc_penalty"] = self._penalty_sum / self._penalty_count
+            record["ewc_penalty"] = float(self._penalty_sum) / self._penalty_count
             self._penalty_sum, self._penalty_count = 0.0, 0
         return record
 
