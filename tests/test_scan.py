@@ -11,6 +11,7 @@ from pipeline.model.liquid import CfC, LiquidScan, lecun_tanh
 from pipeline.model.mamba import Mamba
 from pipeline.model.scan import _scan_core, diag_scan, diag_scan_ref, selective_scan, selective_scan_ref
 from pipeline.model import kernels
+from pipeline.model import scan as scan_module
 from pipeline.model.spiking import LIF, SpikeEncoder, lif_spikes, surrogate_grad
 
 
@@ -37,9 +38,33 @@ def final_state_loss(out, last, w_out, w_last):
     return (out * w_out).sum() + 10 * (last * w_last).sum()
 
 
+@pytest.fixture(params=["fused", "blocked"])
+def scan_impl(request, monkeypatch):
+    """Runs a test on the fused C++ kernels (the CPU default) and on the blocked tensor-op fallback."""
+    if request.param == "blocked":
+        monkeypatch.setattr(scan_module, "_diag_scan_cpu", lambda: None)
+        monkeypatch.setattr(scan_module, "_fused_cpu_available", lambda u: False)
+    else:
+        assert kernels.diag_scan_cpu() is not None and kernels.selective_scan_cpu() is not None
+    return request.param
+
+
+def test_the_fused_cpu_kernels_build_and_are_the_default():
+    # A broken build would silently fall back to the slower path: on a machine with a compiler
+    # (every CI machine, since DeepSpeed needs one) the kernels must be there and be used.
+    for load in (kernels.diag_scan_cpu, kernels.selective_scan_cpu, kernels.rms_norm_cpu):
+        assert load() is not None, load.__name__
+    ins, _ = selective_scan_inputs(9)
+    y, _ = selective_scan(*ins)
+    assert type(y.grad_fn).__name__.startswith("_SelectiveScanCPU")
+    h = diag_scan(torch.rand(2, 9, 3, requires_grad=True), torch.randn(2, 9, 3))
+    nodes = [h.grad_fn] + [n for n, _ in h.grad_fn.next_functions if n is not None]
+    assert any(type(n).__name__.startswith("_DiagScanCPU") for n in nodes)
+
+
 @pytest.mark.parametrize("T", PADDED_T)
 @pytest.mark.parametrize("with_h0", [False, True])
-def test_diag_scan_matches_sequential_loop(T, with_h0):
+def test_diag_scan_matches_sequential_loop(T, with_h0, scan_impl):
     g = torch.Generator().manual_seed(T)
     a = torch.rand(3, T, 7, generator=g, dtype=f64).requires_grad_()
     b = torch.randn(3, T, 7, generator=g, dtype=f64).requires_grad_()
@@ -81,7 +106,7 @@ def selective_scan_inputs(T, with_h0=True, B=2, E=3, N=4):
 
 @pytest.mark.parametrize("T", PADDED_T)
 @pytest.mark.parametrize("with_h0", [False, True])
-def test_selective_scan_matches_sequential_reference_with_a_loss_on_the_final_state(T, with_h0):
+def test_selective_scan_matches_sequential_reference_with_a_loss_on_the_final_state(T, with_h0, scan_impl):
     ins, g = selective_scan_inputs(T, with_h0)
     y, h_last = selective_scan(*ins)
     y_ref, h_ref = selective_scan_ref(*ins)
@@ -99,6 +124,66 @@ def test_selective_scan_matches_sequential_reference_with_a_loss_on_the_final_st
     exp = torch.autograd.grad((h_ref * w_last).sum(), wrt)
     for name, x, e in zip("u delta A B h0".split(), got, exp):
         assert rel_err(x, e) < 1e-6, name
+
+
+@pytest.mark.parametrize("E,N", [(37, 32), (16, 5), (1, 1)])
+def test_fused_selective_scan_in_float32_at_odd_widths(E, N):
+    # Channels are the kernel's vector lanes (16 a block): widths that leave a partial block.
+    ins, g = selective_scan_inputs(70, True, B=3, E=E, N=N)
+    ref_y, ref_h = selective_scan_ref(*ins)
+    w = torch.randn(ref_y.shape, generator=g, dtype=f64)
+    exp = torch.autograd.grad(final_state_loss(ref_y, ref_h, w, torch.ones_like(ref_h)), ins)
+    ins32 = [x.detach().float().requires_grad_() for x in ins]
+    y, h = selective_scan(*ins32, method="fused")
+    got = torch.autograd.grad(final_state_loss(y, h, w.float(), torch.ones_like(h)), ins32)
+    assert rel_err(y.double(), ref_y) < 1e-5 and rel_err(h.double(), ref_h) < 1e-5
+    for name, x, e in zip("u delta A B C h0".split(), got, exp):
+        assert rel_err(x.double(), e) < 1e-4, name
+
+
+@pytest.mark.parametrize("impl", ["fused", "blocked"])
+def test_a_nan_input_reaches_the_scan_outputs(impl):
+    # The NaN-skipping guard needs a NaN in a batch to show in the loss, not be squashed.
+    ins, _ = selective_scan_inputs(20, True, E=20, N=8)
+    u = ins[0].detach().clone()
+    u[1, 7, 3] = float("nan")
+    y, h = selective_scan(u.float(), *[x.detach().float() for x in ins[1:]], method=impl)
+    assert torch.isnan(y[1, 7:, 3]).all() and torch.isfinite(y[0]).all() and torch.isnan(h[1, 3]).all()
+
+
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_fused_diag_scan_keeps_a_constant_decay_as_one_number(with_h0, scan_impl):
+    g = torch.Generator().manual_seed(3)
+    a = torch.rand(1, 1, 1, generator=g, dtype=f64).requires_grad_()
+    b = torch.randn(2, 33, 5, generator=g, dtype=f64).requires_grad_()
+    h0 = torch.randn(2, 5, generator=g, dtype=f64).requires_grad_() if with_h0 else None
+    ins = [a, b] + ([h0] if with_h0 else [])
+    w = torch.randn(2, 33, 5, generator=g, dtype=f64)
+    got = torch.autograd.grad((diag_scan(a, b, h0) * w).sum(), ins)
+    exp = torch.autograd.grad((diag_scan_ref(a, b, h0) * w).sum(), ins)
+    for name, x, e in zip("a b h0".split(), got, exp):
+        assert x.shape == e.shape and rel_err(x, e) < 1e-10, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, f64, torch.bfloat16])
+def test_rms_norm_fused_kernel_matches_the_formula(dtype):
+    from pipeline.model.attention import RMSNorm
+
+    norm = RMSNorm(37).to(dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 37, dtype=dtype, requires_grad=True)
+    gy = torch.randn(3, 5, 37, dtype=dtype)
+    y = norm(x)
+    gx, gw = torch.autograd.grad(y, [x, norm.weight], gy)
+    xf = x.detach().double().requires_grad_()
+    wf = norm.weight.detach().double().requires_grad_()
+    ref = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps) * wf
+    rx, rw = torch.autograd.grad(ref, [xf, wf], gy.double())
+    tol = 1e-12 if dtype == f64 else (1e-5 if dtype == torch.float32 else 2e-2)
+    assert y.dtype == dtype
+    for got, exp in ((y, ref), (gx, rx), (gw, rw)):
+        assert rel_err(got.double(), exp.detach()) < tol
 
 
 def test_diag_scan_half_inputs_scan_in_float32():

@@ -18,9 +18,35 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.float64):
+            from .kernels import rms_norm_cpu
+
+            if rms_norm_cpu() is not None:
+                return _RMSNormCPU.apply(x, self.weight, self.eps)
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.to(y.dtype)).to(x.dtype)
+
+
+class _RMSNormCPU(torch.autograd.Function):
+    """RMSNorm through the fused C++ kernel (kernels/rms_norm.cpp): one pass per row each way."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        from .kernels import rms_norm_cpu
+
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        y, rstd = rms_norm_cpu().forward(x2, weight.contiguous(), eps)
+        ctx.save_for_backward(x2, weight, rstd)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):
+        from .kernels import rms_norm_cpu
+
+        x2, weight, rstd = ctx.saved_tensors
+        gx, gw = rms_norm_cpu().backward(x2, weight.contiguous(), rstd, gy.reshape(x2.shape).contiguous())
+        return gx.view(gy.shape), gw, None
 
 
 def causal_sdpa(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:

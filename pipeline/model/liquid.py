@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .scan import compute_dtype, diag_scan
+from .scan import compute_dtype, diag_scan, use_triton
 
 
 class LiquidScan(nn.Module):
@@ -75,6 +75,11 @@ class LiquidScan(nn.Module):
         return 1.0 / self._rates(u)[2]
 
     def forward(self, u: Tensor, h0: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        if use_triton(u):  # gates, decays, scan and metrics in one kernel (kernels/triton_liquid.py)
+            from .kernels.triton_liquid import liquid_scan_triton
+
+            h, h_last, self.last_obs = liquid_scan_triton(self.in_proj(u), self.log_tau, h0)
+            return h.to(u.dtype), h_last
         f, v, lam = self._rates(u)
         with torch.no_grad():  # effective time constants for the metrics; read only at log intervals
             tau = lam.reciprocal()

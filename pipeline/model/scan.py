@@ -23,7 +23,9 @@ are float64), so half-precision training keeps decays and accumulations in full 
 """
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -119,13 +121,67 @@ class _DiagScan(torch.autograd.Function):
         return ga, g, gh0
 
 
+def _diag_scan_cpu():
+    from .kernels import diag_scan_cpu
+
+    return diag_scan_cpu()
+
+
+class _DiagScanCPU(torch.autograd.Function):
+    """diag_scan through the fused C++ kernel; ``a`` is (B, T, F) or one element."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, h0: Optional[Tensor]) -> Tensor:
+        h0_arg = h0 if h0 is not None else b.new_empty(0)
+        h = _diag_scan_cpu().forward(a, b, h0_arg)
+        ctx.save_for_backward(a, h, h0_arg)
+        ctx.has_h0 = h0 is not None
+        return h
+
+    @staticmethod
+    def backward(ctx, gh: Tensor):
+        a, h, h0_arg = ctx.saved_tensors
+        need_ga = ctx.needs_input_grad[0]
+        g, ga, gh0 = _diag_scan_cpu().backward(a, h, h0_arg, gh.contiguous(), need_ga)
+        if need_ga and a.numel() == 1 and h.numel() != 1:
+            ga = ga.sum().reshape(a.shape)
+        return (ga if need_ga else None), g, (gh0 if ctx.has_h0 and ctx.needs_input_grad[2] else None)
+
+
+_TRITON_INSTALLED: list = []
+
+
+def use_triton(x: Tensor) -> bool:
+    """Whether the model's recurrences on x run as the fused Triton kernels (kernels/triton_*.py):
+    CUDA tensors in fp32 or half precision, with triton installed, unless PIPELINE_DISABLE_TRITON=1.
+    Only CUDA tensors get past the first test, so a CPU run never looks for (or imports) triton."""
+    if not x.is_cuda or x.dtype == torch.float64 or os.environ.get("PIPELINE_DISABLE_TRITON", "0") == "1":
+        return False
+    if not _TRITON_INSTALLED:
+        _TRITON_INSTALLED.append(importlib.util.find_spec("triton") is not None)
+    return _TRITON_INSTALLED[0]
+
+
 def diag_scan(a: Tensor, b: Tensor, h0: Optional[Tensor] = None) -> Tensor:
     """h_t = a_t * h_{t-1} + b_t along dim 1 for a, b of shape (B, T, *F); h0 of shape (B, *F).
 
-    Returns h (B, T, *F) in the compute dtype (float32 for half inputs, float64 for float64)."""
+    Returns h (B, T, *F) in the compute dtype (float32 for half inputs, float64 for float64).
+    On CUDA this is one Triton kernel launch (see use_triton); on CPU one pass of the fused C++
+    kernel (kernels/diag_scan.cpp) when it builds; else the blocked scan."""
+    if use_triton(b):
+        from .kernels.triton_scan import diag_scan_triton
+
+        return diag_scan_triton(a, b, h0)
     Bsz, T = b.shape[:2]
     feat = b.shape[2:]
     cd = compute_dtype(b.dtype)
+    if b.device.type == "cpu" and _diag_scan_cpu() is not None:
+        # A constant decay stays one element (the kernel broadcasts it), or it is expanded.
+        a2 = a.to(cd).reshape(1, 1, 1) if a.numel() == 1 else a.to(cd).expand(b.shape).reshape(Bsz, T, -1)
+        b2 = b.to(cd).reshape(Bsz, T, -1)
+        h02 = h0.to(cd).reshape(Bsz, -1) if h0 is not None else None
+        h = _DiagScanCPU.apply(a2.contiguous(), b2.contiguous(), h02)
+        return h.view(Bsz, T, *feat)
     a2 = a.to(cd).expand(b.shape).reshape(Bsz, T, -1)
     b2 = b.to(cd).reshape(Bsz, T, -1)
     h02 = h0.to(cd).reshape(Bsz, -1) if h0 is not None else None
@@ -321,15 +377,52 @@ class _SelectiveScan(torch.autograd.Function):
         return g_u, g_delta, g_A, g_Bm, g_Cm, g_h0
 
 
+class _SelectiveScanCPU(torch.autograd.Function):
+    """The same scan through the fused C++ kernel (`kernels/selective_scan.cpp`): one pass over time
+    per (batch row, channel) with the state in registers; the backward recomputes the states."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, Bm, Cm, h0):
+        from .kernels import selective_scan_cpu
+
+        h0_arg = h0 if h0 is not None else u.new_empty(0)
+        y, h_last = selective_scan_cpu().forward(u, delta, A, Bm, Cm, h0_arg)
+        ctx.save_for_backward(u, delta, A, Bm, Cm, h0_arg)
+        ctx.has_h0 = h0 is not None
+        return y, h_last
+
+    @staticmethod
+    def backward(ctx, gy, gh_last):
+        from .kernels import selective_scan_cpu
+
+        u, delta, A, Bm, Cm, h0_arg = ctx.saved_tensors
+        gy = gy.contiguous() if gy is not None else torch.zeros_like(u)
+        gh = gh_last.contiguous() if gh_last is not None else u.new_empty(0)
+        g_u, g_delta, g_A, g_B, g_C, g_h0 = selective_scan_cpu().backward(u, delta, A, Bm, Cm, h0_arg, gy, gh)
+        return g_u, g_delta, g_A, g_B, g_C, (g_h0 if ctx.has_h0 else None)
+
+
+def _fused_cpu_available(u: Tensor) -> bool:
+    if u.device.type != "cpu":
+        return False
+    from .kernels import selective_scan_cpu
+
+    return selective_scan_cpu() is not None
+
+
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor,
-                   h0: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                   h0: Optional[Tensor] = None, method: str = "auto") -> Tuple[Tensor, Tensor]:
     """Mamba-1 selective scan without the D skip and the z gate.
 
     u, delta: (B, T, E) (delta already softplus-ed); A: (E, N) (negative); Bm, Cm: (B, T, N);
-    h0: (B, E, N).  Returns y (B, T, E) and the final state (B, E, N), in the compute dtype."""
+    h0: (B, E, N).  Returns y (B, T, E) and the final state (B, E, N), in the compute dtype.
+    ``method``: "auto" (the fused C++ kernel on CPU when it builds, else the blocked scan),
+    "fused" or "blocked"."""
     cd = compute_dtype(u.dtype)
     args = [t.to(cd).contiguous() for t in (u, delta, A, Bm, Cm)]
     h0c = h0.to(cd).contiguous() if h0 is not None else None
+    if method == "fused" or (method == "auto" and _fused_cpu_available(u)):
+        return _SelectiveScanCPU.apply(*args, h0c)
     return _SelectiveScan.apply(*args, h0c)
 
 

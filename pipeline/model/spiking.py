@@ -15,9 +15,9 @@ How the sequence is processed (the reset makes the membrane nonlinear):
    a sequential sweep over the T*K sub-steps that carries no autograd graph.  On CPU the sweep is a
    fused C++ kernel (`kernels/lif_sweep.cpp`: one pass per batch row; 0.28 ms where the tensor-op
    loop takes 11.6 ms for B8 x 1024 x 128, `bench/bench_model.py --components`); elsewhere, or without a compiler, it is a loop of three
-   in-place ops on a (B, S) slab per sub-step, time-major so every slab is contiguous (on CUDA this
-   loop is launch-bound: a CUDA kernel is the follow-up).  The sweep was chosen because it
-   measured fastest: an exact *chunked* alternative
+   in-place ops on a (B, S) slab per sub-step, time-major so every slab is contiguous.  (On CUDA
+   none of this runs: LIF.forward is one fused Triton kernel each way, `kernels/triton_lif.py`.)
+   The sweep was chosen because it measured fastest: an exact *chunked* alternative
    (``method="chunked"``: all chunks of ~sqrt(T*K) sub-steps run at once from guessed incoming
    membranes, the exact membrane implied by those spikes is recomputed with one blocked linear scan,
    every spike is checked against it, and the chunks are rerun from the corrected edge membranes
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .kernels import lif_sweep
-from .scan import _scan_core, chunk_size, compute_dtype, diag_scan
+from .scan import _scan_core, chunk_size, compute_dtype, diag_scan, use_triton
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,10 +104,10 @@ def _membrane_coeffs(I: Tensor, S: Tensor, beta: float, thr: float, mode: str):
     """(a, b) of the linear recurrence U_n = a_n U_{n-1} + b_n given detached spikes S (U_{-1} = v0)."""
     S_prev = torch.cat([torch.zeros_like(S[:, :1]), S[:, :-1]], dim=1)
     if mode == "subtract":
-        return torch.full_like(I[:, :1], beta), I - (beta * thr) * S_prev
+        return I.new_full((1, 1, 1), beta), I - (beta * thr) * S_prev
     if mode == "zero":
         return beta * (1 - S_prev), I
-    return torch.full_like(I[:, :1], beta), I
+    return I.new_full((1, 1, 1), beta), I
 
 
 @torch.no_grad()
@@ -174,6 +174,11 @@ class LIF(nn.Module):
         """current (B, T, S) -> (spike rate per token (B, T, S) with surrogate gradient,
         membrane potential at the token's last sub-step (B, T, S), final membrane (B, S),
         hard spikes' mean (detached scalar))."""
+        if use_triton(current):
+            from .kernels.triton_lif import lif_forward_triton
+
+            return lif_forward_triton(current, v0, self.beta, self.threshold, self.num_steps, self.reset,
+                                      self.surrogate, self.slope)
         Bsz, T, S = current.shape
         K = self.num_steps
         cd = compute_dtype(current.dtype)

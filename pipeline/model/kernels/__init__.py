@@ -19,6 +19,24 @@ _HERE = Path(__file__).resolve().parent
 _modules: dict = {}
 
 
+# Per-kernel compiler flags.  The fused passes are built for this CPU's vector units (their inner
+# loops are the whole cost); the build name then carries the CPU's identity, so a home directory
+# shared by machines of different CPUs never hands one of them another's instructions.
+_NATIVE = ["-O3", "-march=native", "-fopenmp-simd"]
+_FLAGS = {"lif_sweep": ["-O3"], "selective_scan": _NATIVE, "diag_scan": _NATIVE, "rms_norm": _NATIVE}
+
+
+def _cpu_identity() -> bytes:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        import platform
+
+        return platform.processor().encode() + platform.machine().encode()
+    keep = [ln for ln in lines if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+    return "\n".join(sorted(set(keep))).encode()
+
+
 def load(name: str):
     """The compiled extension `name` (from `<name>.cpp` here), or None if it cannot be built."""
     if name in _modules:
@@ -29,13 +47,17 @@ def load(name: str):
             from torch.utils.cpp_extension import load as build
 
             source = _HERE / f"{name}.cpp"
+            flags = _FLAGS.get(name, ["-O3"])
             # The build folder is keyed by name: naming it after the source's content lets checkouts of
             # different versions keep their own builds instead of rebuilding over each other.
-            digest = hashlib.sha256(source.read_bytes() + torch.__version__.encode()).hexdigest()[:10]
-            module = build(name=f"pipeline_{name}_{digest}", sources=[str(source)], extra_cflags=["-O3"],
+            key = source.read_bytes() + torch.__version__.encode() + " ".join(flags).encode()
+            if "-march=native" in flags:
+                key += _cpu_identity()
+            digest = hashlib.sha256(key).hexdigest()[:10]
+            module = build(name=f"pipeline_{name}_{digest}", sources=[str(source)], extra_cflags=flags,
                            verbose=False)
         except Exception as err:  # a missing compiler must not stop training: say so once, run slower
-            log.warning("could not build the fused %s kernel (%s); using the tensor-op loop instead", name,
+            log.warning("could not build the fused %s kernel (%s); using the tensor-op path instead", name,
                         str(err).splitlines()[0] if str(err) else type(err).__name__)
     _modules[name] = module
     return module
@@ -53,3 +75,18 @@ def lif_sweep(I: torch.Tensor, v0: torch.Tensor, beta: float, thr: float, mode: 
         return None
     return module.lif_sweep(I.contiguous(), v0.contiguous(), float(beta), float(thr), _MODES[mode])
 
+
+
+def selective_scan_cpu():
+    """The fused CPU selective-scan extension (forward / backward), or None where it cannot be built."""
+    return load("selective_scan")
+
+
+def diag_scan_cpu():
+    """The fused CPU diagonal-recurrence extension (forward / backward), or None where it cannot be built."""
+    return load("diag_scan")
+
+
+def rms_norm_cpu():
+    """The fused CPU RMSNorm extension (forward / backward), or None where it cannot be built."""
+    return load("rms_norm")
