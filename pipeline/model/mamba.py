@@ -97,14 +97,20 @@ class Mamba(nn.Module):
             return self._forward_cuda(hidden), None
         xz = self.in_proj(hidden)
         x, z = xz.chunk(2, dim=-1)
-        xt = x.transpose(1, 2)                                            # (B, E, T)
+        K = self.d_conv
         if state is not None:
-            prev = state["conv"].to(xt.dtype)
+            prev = state["conv"].to(x.dtype).transpose(1, 2)              # (B, K-1, E)
         else:
-            prev = xt.new_zeros((Bsz, E, self.d_conv - 1))
-        xpad = torch.cat([prev, xt], dim=-1)
-        xc = F.conv1d(xpad, self.conv1d.weight, self.conv1d.bias, groups=E)  # (B, E, T), causal
-        x = F.silu(xc).transpose(1, 2)                                    # (B, T, E)
+            prev = x.new_zeros((Bsz, K - 1, E))
+        xpad = torch.cat([prev, x], dim=1)                                # (B, T+K-1, E)
+        # The causal depthwise convolution as K shifted multiply-adds in the (B, T, E) layout: oneDNN's
+        # depthwise conv1d backward measured 1000x slower at batch 2 x 1024 tokens on 2 CPU threads, and
+        # its (B, E, T) layout cost two transposes and a copy before the scan.
+        w = self.conv1d.weight[:, 0, :].to(x.dtype)                       # (E, K)
+        xc = torch.addcmul(self.conv1d.bias.to(x.dtype), xpad[:, K - 1:], w[:, K - 1])
+        for k in range(K - 1):
+            xc = torch.addcmul(xc, xpad[:, k:k + T], w[:, k])
+        x = F.silu(xc)                                                    # (B, T, E)
         x_dbl = self.x_proj(x)
         dt, Bm, Cm = torch.split(x_dbl, [R, N, N], dim=-1)
         cd = compute_dtype(hidden.dtype)
@@ -116,8 +122,8 @@ class Mamba(nn.Module):
         out = self.out_proj(y.to(hidden.dtype))
         new_state = None
         if return_state:
-            # A copy: the conv window must not pin the whole (B, E, T) input.
-            new_state = {"conv": xpad[..., xpad.shape[-1] - (self.d_conv - 1):].clone(), "ssm": h_last}
+            # A copy: the conv window must not pin the whole (B, T, E) input.
+            new_state = {"conv": xpad[:, xpad.shape[1] - (K - 1):].transpose(1, 2).contiguous(), "ssm": h_last}
         return out, new_state
 
     def _forward_cuda(self, hidden: Tensor) -> Tensor:
