@@ -1,27 +1,44 @@
-"""Model benchmark: training throughput (forward + backward) of the hybrid vs a plain Transformer LM.
+"""Model benchmark: where one training step of the hybrid goes, against a same-size Transformer.
 
-    python -m bench.bench_model                      # default: small + base widths, seq 256 and 1024
-    python -m bench.bench_model --sizes small --seqs 256 --steps 3
-    python -m bench.bench_model --profile small:256  # op-level profile of one hybrid configuration
+    python bench/bench_model.py                 # the CPU target (below): table, breakdown, loop overhead
+    python bench/bench_model.py --no_loop       # without the launch/train.py run
+    python bench/bench_model.py --loop_hidden 128   # the loop-overhead part at a smaller width (faster)
+    python bench/bench_model.py --components    # each recurrence: the model's blocked form vs its reference
+    python bench/bench_model.py --profile 256   # op-level profile of one hybrid step, [WIDTH:]SEQ
 
-For each width the hybrid uses the *production* preset's options (Mamba bidirectional with
-cross-attention, d_state 32, expand 2, adaptive gating, temporal spike encoding) at that width:
-"small" = the small preset's dimensions, "base" = the production preset itself.  The baseline is a
-pre-norm GPT (causal SDPA, GELU MLP) with the same vocabulary, width and tying, and its depth/MLP
-width chosen to match the hybrid's parameter count.  Both train in fp32 on 2 threads with AdamW
-excluded (forward + backward only).  It prints tokens/s, the ratio hybrid / Transformer, and MFU
-against a float32 matmul peak measured on the spot.  MFU counts matmul FLOPs only
-(6 x matmul parameters per token + causal attention scores); the scans' elementwise work is
-overhead by this definition.  Never used as a timed test.
+The default run measures the CPU target as the issue defines it, in one process:
+
+* hybrid: `HybridLM(ModelConfig(...))` from launch/presets/production.yaml with vocab_size 8000,
+  hidden_dim 512, dropout 0 (52.1M parameters, untied head);
+* Transformer: pre-norm GPT (LayerNorm, causal SDPA, 4x GELU MLP, no biases in the linears), the
+  hybrid's width, vocabulary and tying, 64-wide heads, layers added until its parameter count is
+  the closest to the hybrid's (no position embedding: the hybrid has none either);
+* one training step = forward, fp32 cross-entropy, backward, `torch.optim.AdamW` step, in fp32 on
+  2 threads, at seq 256 x batch 8 and seq 1024 x batch 2; the two models take turns step by step,
+  median of a few steps after a warm-up.
+
+It prints both tokens/s, MFU against an fp32 matmul peak measured in the same run (the best of a few
+measurements), the ratio (PASS >= 0.6), a per-component breakdown of the hybrid's step at each point,
+and the training loop's own tokens/s (launch/train.py under the DeepSpeed launcher, ds_configs/cpu.json,
+1 process, the table's model at seq 256 x batch 8) against the bare step (PASS: the loop costs < 10 %).
+Ratios, never absolute timings, are the claims: the machine may be shared (the output says how loaded
+it was).  bench/gpu_model_check.py runs the same functions on a GPU (bf16 autocast).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
+import os
+import shutil
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from statistics import median
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +50,19 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from pipeline.config import ModelConfig  # noqa: E402
+from pipeline.flops import measure_peak_flops, model_flops_per_token  # noqa: E402
 from pipeline.model import HybridLM  # noqa: E402
+from pipeline.model.hybrid import HybridBlock  # noqa: E402
+
+FLOP_DEFINITION = ("FLOPs per token: pipeline/flops.py for the hybrid (2 per matmul weight, attention 4*T*H "
+                   "without causal halving, the scans' arithmetic) and the same convention for the Transformer; "
+                   "training = 3 x forward; the optimizer step is in the time, not in the FLOPs")
+CPU_TARGET_RATIO = 0.6
+LOOP_MAX_OVERHEAD = 0.10
 
 
 # ----------------------------------------------------------------------------------------------
-# Baseline Transformer
+# The two models
 # ----------------------------------------------------------------------------------------------
 
 class Block(nn.Module):
@@ -75,116 +100,459 @@ class TransformerLM(nn.Module):
         return self.head(self.ln_f(x))
 
 
+def hybrid_config(hidden_dim: int = 512, vocab_size: int = 8000, num_layers: Optional[int] = None,
+                  preset: str = "production") -> ModelConfig:
+    """A preset's model at another width / vocabulary, dropout 0 (the benchmarks' hybrid)."""
+    model = yaml.safe_load((ROOT / f"launch/presets/{preset}.yaml").read_text())["model"]
+    model.update(hidden_dim=hidden_dim, vocab_size=vocab_size, dropout=0.0)
+    if num_layers is not None:
+        model["num_layers"] = num_layers
+    return ModelConfig(**model)
+
+
 def matched_transformer(cfg: ModelConfig, target_params: int) -> TransformerLM:
+    """Pre-norm GPT at the hybrid's width, vocabulary and tying, 4x MLP, with the number of layers whose
+    parameter count is the closest to `target_params`."""
     H, V = cfg.hidden_dim, cfg.vocab_size
-    embed = V * H * (1 if cfg.tie_embeddings else 2)
-    body = max(target_params - embed, 12 * H * H)
-    layers = max(1, round(body / (12 * H * H)))
-    mlp = max(H, round((body / layers - 4 * H * H - 4 * H) / (2 * H)))
-    heads = max(1, H // 64) if H >= 64 else 2
-    return TransformerLM(V, H, layers, heads, mlp, cfg.tie_embeddings)
+    per_layer = 12 * H * H + 4 * H                       # qkv, proj, 4x MLP; two LayerNorms
+    fixed = V * H * (1 if cfg.tie_embeddings else 2) + 2 * H
+    layers = max(1, round((target_params - fixed) / per_layer))
+    return TransformerLM(V, H, layers, max(1, H // 64), 4 * H, cfg.tie_embeddings)
+
+
+def flops_per_token(model: nn.Module, T: int) -> float:
+    """Training FLOPs per token (see FLOP_DEFINITION)."""
+    if isinstance(model, HybridLM):
+        return model_flops_per_token(model.cfg, T)
+    H = model.embed.weight.shape[1]
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    return 3.0 * (2.0 * matmul + len(model.blocks) * 4.0 * T * H)
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------------------------
-# FLOPs, peak, timing
+# One training step, timed
 # ----------------------------------------------------------------------------------------------
 
-def matmul_flops_per_token(model: nn.Module, T: int) -> float:
-    """6 x (weights of every Linear, counting a tied head once more as a matmul) + attention scores."""
-    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-    flops = 6.0 * n
-    H = getattr(getattr(model, "cfg", None), "hidden_dim", None)
-    attn_modules = 0
-    if isinstance(model, TransformerLM):
-        attn_modules, H = len(model.blocks), model.embed.weight.shape[1]
-    else:
-        from pipeline.model.attention import CausalAttention
-        attn_modules = sum(isinstance(m, CausalAttention) for m in model.modules())
-    flops += attn_modules * 6.0 * T * H   # QK^T and AV, causal half, forward + backward
-    return flops
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def measure_peak(seconds: float = 2.0) -> float:
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    a @ b
-    best, t_end = 0.0, time.time() + seconds
-    while time.time() < t_end:
-        t = time.perf_counter()
-        a @ b
-        best = max(best, 2 * 2048 ** 3 / (time.perf_counter() - t))
-    return best
+def make_optimizer(model: nn.Module, fused: Optional[bool] = None) -> torch.optim.Optimizer:
+    """AdamW over the model's own parameter groups (the trainer's), fused on CUDA unless told otherwise.
+    A small learning rate: the timed steps must not drift the weights far from initialisation."""
+    groups = model.parameter_groups(0.1) if hasattr(model, "parameter_groups") else model.parameters()
+    device = next(model.parameters()).device
+    fused = device.type == "cuda" if fused is None else fused
+    return torch.optim.AdamW(groups, lr=1e-5, weight_decay=0.1, **({"fused": True} if fused else {}))
 
 
-def time_train(model: nn.Module, vocab: int, B: int, T: int, steps: int) -> float:
-    """Median seconds of forward + cross-entropy + backward over ``steps`` (after one warm-up)."""
-    ids = torch.randint(0, vocab, (B, T + 1))
-    times = []
-    for i in range(steps + 1):
-        t = time.perf_counter()
+def train_step(model: nn.Module, opt: Optional[torch.optim.Optimizer], ids: torch.Tensor,
+               amp: Optional[torch.dtype] = None) -> torch.Tensor:
+    """forward, fp32 cross-entropy (the trainer's lm_loss), backward, optimizer step (if any)."""
+    with torch.autocast(ids.device.type, dtype=amp, enabled=amp is not None):
         logits = model(ids[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, vocab), ids[:, 1:].reshape(-1))
-        loss.backward()
-        dt = time.perf_counter() - t
+    loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    if opt is not None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def time_steps(model: nn.Module, opt: torch.optim.Optimizer, vocab: int, B: int, T: int, reps: int = 3,
+               warmup: int = 1, amp: Optional[torch.dtype] = None) -> List[float]:
+    """Seconds of each of `reps` training steps after `warmup` untimed ones."""
+    return time_interleaved({"model": (model, opt, None)}, vocab, B, T, reps, warmup, amp)["model"]
+
+
+def time_interleaved(runs: Dict[str, Tuple[nn.Module, torch.optim.Optimizer, Optional[Callable[[], None]]]],
+                     vocab: int, B: int, T: int, reps: int = 3, warmup: int = 1,
+                     amp: Optional[torch.dtype] = None) -> Dict[str, List[float]]:
+    """Seconds of `reps` training steps of each run {name: (model, optimizer, setup or None)}, the runs taking
+    turns step by step: a change in the machine's load then hits every run alike, and their ratio holds."""
+    device = next(next(iter(runs.values()))[0].parameters()).device
+    ids = torch.randint(0, vocab, (B, T + 1), device=device)
+    times: Dict[str, List[float]] = {name: [] for name in runs}
+    for i in range(warmup + reps):
+        for name, (model, opt, setup) in runs.items():
+            if setup is not None:
+                setup()
+            synchronize(device)
+            t = time.perf_counter()
+            train_step(model, opt, ids, amp)
+            synchronize(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t)
+    return times
+
+
+class Peak:
+    """The best matmul FLOP/s seen over the run: measured at the start and again whenever asked, so that a
+    moment of load on a shared machine lowers no MFU denominator (the peak is what the hardware can do)."""
+
+    def __init__(self, device="cpu", dtype: torch.dtype = torch.float32):
+        self.device, self.dtype = torch.device(device), dtype
+        self.size = 8192 if self.device.type == "cuda" else 2048
+        self.value, self.samples = 0.0, 0
+        self.measure(2.0)
+
+    def measure(self, seconds: float = 0.5) -> float:
+        self.value = max(self.value, measure_peak_flops(self.device, self.dtype, seconds, self.size))
+        self.samples += 1
+        return self.value
+
+    def describe(self) -> str:
+        value = f"{self.value / 1e12:.4g} TFLOP/s" if self.device.type == "cuda" else f"{self.value / 1e9:.1f} GFLOP/s"
+        return (f"{value}, the best {str(self.dtype).replace('torch.', '')} "
+                f"{self.size}x{self.size} matmul of {self.samples} measurements during this run")
+
+
+# ----------------------------------------------------------------------------------------------
+# Where one step goes
+# ----------------------------------------------------------------------------------------------
+
+COMPONENTS = {
+    "embedding": "embedding",
+    "spiking": "spiking stream (spike_proj + LIF)",
+    "liquid": "liquid stream (liquid + liquid_out)",
+    "encoder": "spike encoder + adapter",
+    "mamba": "Mamba",
+    "cross": "cross-attention (both directions)",
+    "gate": "adaptive gate",
+    "attention": "self-attention layers",
+    "head": "head (norm_f + lm_head + cross-entropy)",
+    "optimizer": "optimizer (AdamW step)",
+    "other": "other: norms, residuals, concat (step - sum)",
+}
+
+
+def component_calls(model: HybridLM, targets: torch.Tensor) -> List[Tuple[str, nn.Module, Callable]]:
+    """(component, module whose call inputs are captured, function of those inputs that runs the component
+    and returns what receives a gradient in the model), for every part of a HybridLM, layer by layer."""
+    cfg = model.cfg
+    calls: List[Tuple[str, nn.Module, Callable]] = [("embedding", model.embed, lambda ids: model.embed(ids))]
+    for layer in model.layers:
+        if not isinstance(layer, HybridBlock):  # AttentionLayer: its norm and residual are glue
+            attn = layer.attn
+            calls.append(("attention", attn, lambda x, *_, attn=attn: attn(x)[0]))
+            continue
+        b = layer
+
+        def spiking(xn, b=b):
+            rate, mem, _, _ = b.lif(b.spike_proj(xn))
+            # The membrane reaches the loss only through the `potential` encoding.
+            return (rate, mem) if b.mode is not None and cfg.spike_to_mamba_method == "potential" else rate
+
+        calls.append(("spiking", b.spike_proj, spiking))
+        calls.append(("liquid", b.liquid, lambda u, h0=None, b=b: b.liquid_out(b.liquid(u, h0)[0])))
+        if b.mode is None:
+            continue
+        calls.append(("encoder", b.spike_encoder,
+                      lambda s, mem, st=None, b=b: b.spike_adapter(b.spike_encoder(s, mem, st)[0])))
+        calls.append(("mamba", b.mamba, lambda x, *_, b=b: b.mamba(x)[0]))
+        for cross in (getattr(b, "cross_lm", None), getattr(b, "cross_ml", None)):
+            if cross is not None:
+                calls.append(("cross", cross, lambda q, kv, *_, c=cross: c(q, kv)[0]))
+        if cfg.use_adaptive_gating:
+            calls.append(("gate", b.gate, lambda l, m, b=b: b.gate(l, m)[0]))
+    calls.append(("head", model.norm_f, lambda x: F.cross_entropy(
+        model.lm_head(model.norm_f(x)).float().flatten(0, 1), targets.flatten())))
+    return calls
+
+
+def breakdown(model: HybridLM, opt: torch.optim.Optimizer, B: int, T: int, reps: int = 3,
+              amp: Optional[torch.dtype] = None) -> Dict[str, float]:
+    """Seconds per component of one training step, summed over layers, `step` and `other` = step - their sum.
+
+    Each component's real inputs are captured during one forward (pre-hooks); then, in each of `reps` rounds
+    (after a warm-up round), one whole training step runs (its optimizer step timed apart) and every
+    component runs forward + backward alone on its captured inputs (inputs that need a gradient in the model
+    get one); medians over the rounds.  Rounds interleave the step and its parts, so a change of the
+    machine's load shifts both alike."""
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.cfg.vocab_size, (B, T + 1), device=device)
+    calls = component_calls(model, ids[:, 1:])
+    captured: Dict[int, tuple] = {}
+
+    def grab(module, args):
+        captured[id(module)] = tuple(a.detach().clone().requires_grad_(a.is_floating_point())
+                                     if isinstance(a, torch.Tensor) else a for a in args)
+
+    hooks = [module.register_forward_pre_hook(grab) for _, module, _ in calls]
+    try:
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            model(ids[:, :-1])
+    finally:
+        for h in hooks:
+            h.remove()
+    inputs = [captured[id(module)] for _, module, _ in calls]
+    del captured
+    grads: List[Optional[list]] = [None] * len(calls)
+
+    def run(i: int) -> float:
+        fn, args = calls[i][2], inputs[i]
         model.zero_grad(set_to_none=True)
-        if i > 0:
-            times.append(dt)
-    times.sort()
-    return times[len(times) // 2]
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                a.grad = None
+        synchronize(device)
+        t = time.perf_counter()
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            out = fn(*args)
+        outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
+        if grads[i] is None:  # a fixed random upstream gradient per component (ones for the scalar loss)
+            grads[i] = [torch.ones_like(o) if o.ndim == 0 else torch.randn_like(o) for o in outs]
+        torch.autograd.backward(outs, grads[i])
+        synchronize(device)
+        return time.perf_counter() - t
+
+    samples: Dict[str, List[float]] = {name: [] for name in COMPONENTS if name != "other"}
+    samples["step"] = []
+    for rnd in range(reps + 1):
+        model.zero_grad(set_to_none=True)
+        synchronize(device)
+        t0 = time.perf_counter()
+        train_step(model, None, ids, amp)
+        synchronize(device)
+        t1 = time.perf_counter()
+        opt.step()
+        synchronize(device)
+        t2 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        parts = {name: 0.0 for name in samples}
+        parts.update(step=t2 - t0, optimizer=t2 - t1)
+        for i, (name, _, _) in enumerate(calls):
+            parts[name] += run(i)
+        if rnd > 0:
+            for name, value in parts.items():
+                samples[name].append(value)
+    model.zero_grad(set_to_none=True)
+    out = {name: median(values) for name, values in samples.items()}
+    out["other"] = out["step"] - sum(v for k, v in out.items() if k != "step")
+    return out
 
 
-def hybrid_config(size: str) -> ModelConfig:
-    prod = yaml.safe_load((ROOT / "launch/presets/production.yaml").read_text())["model"]
-    if size == "small":
-        small = yaml.safe_load((ROOT / "launch/presets/small.yaml").read_text())["model"]
-        for key in ("vocab_size", "hidden_dim", "num_layers", "liquid_units", "spiking_units",
-                    "num_attention_heads", "tie_embeddings"):
-            prod[key] = small[key]
-    prod["dropout"] = 0.0
-    return ModelConfig(**prod)
+def print_breakdown(parts: Dict[str, float], title: str) -> None:
+    step = parts["step"]
+    print(title)
+    print(f"  {'component':46} {'ms':>9} {'share':>7}")
+    for name, label in COMPONENTS.items():
+        print(f"  {label:46} {parts[name] * 1e3:9.1f} {parts[name] / step:7.1%}")
+    print(f"  {'one training step (measured)':46} {step * 1e3:9.1f} {1:7.1%}", flush=True)
 
 
-def run(sizes: List[str], seqs: List[int], tokens: Dict[str, int], steps: int, threads: int) -> None:
-    torch.set_num_threads(threads)
+# ----------------------------------------------------------------------------------------------
+# The training loop against the bare step
+# ----------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_data(data_dir: Path, vocab_size: int = 4000, log: Optional[Path] = None) -> Path:
+    """A tokenized corpus (the Python standard library's sources) for the loop run, built once."""
+    if not (data_dir / "manifest.json").is_file():
+        print(f"preparing {data_dir} (once, ~30 s)", flush=True)
+        cmd = [sys.executable, "-m", "data_prep.prepare", "--source", "python-stdlib", "--out_dir", str(data_dir),
+               "--vocab_size", str(vocab_size), "--max_bytes", "3000000"]
+        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"data preparation failed:\n{result.stderr[-2000:]}")
+    return data_dir
+
+
+def steady_intervals(metrics: Path, warmup: int) -> Tuple[List[float], List[float]]:
+    """(wall-clock seconds between consecutive `train` records after the first `warmup` steps, the loop's
+    own tokens_per_s of those steps) from a run's metrics.jsonl written with log_interval 1.
+
+    The wall clock between records counts everything the loop does per step (engine, guard, logging,
+    metrics); evaluation and checkpoints come only after the last record, so they fall outside."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    train = sorted((r for r in rows if r["kind"] == "train"), key=lambda r: r["step"])
+    kept = [(a, b) for a, b in zip(train, train[1:]) if b["step"] == a["step"] + 1 and b["step"] > warmup]
+    return [b["time"] - a["time"] for a, b in kept], [b["tokens_per_s"] for a, b in kept]
+
+
+def run_loop(cfg: ModelConfig, B: int, T: int, data_dir: Path, run_dir: Path, ds_config: str, steps: int,
+             threads: Optional[int] = None, timeout: int = 1800) -> Path:
+    """launch/train.py on one process under the DeepSpeed launcher with exactly `cfg`, micro-batch B,
+    no accumulation, logging every step; returns its metrics.jsonl."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    preset = run_dir.parent / f"{run_dir.name}.yaml"
+    preset.write_text(yaml.safe_dump({
+        "model": dataclasses.asdict(cfg),
+        "data": {"data_dir": str(data_dir), "sequence_length": T},
+        "train": {"out_dir": str(run_dir), "max_steps": steps, "micro_batch_size": B,
+                  "gradient_accumulation_steps": 1, "log_interval": 1, "eval_interval": steps, "eval_batches": 1,
+                  "checkpoint_interval": steps, "keep_best": False, "report": False, "warmup_steps": 2}}))
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
+           str(ROOT / "launch/train.py"), "--deepspeed_config", str(ROOT / ds_config), "--config", str(preset)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)  # the trainer keeps it (configure_cpu_threads)
+    log = run_dir.parent / f"{run_dir.name}.log"
+    with open(log, "w") as f:
+        code = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # only the metrics are wanted
+    if code != 0:
+        tail = log.read_text()[-3000:]
+        raise RuntimeError(f"launch/train.py exited {code} (log {log}):\n{tail}")
+    return run_dir / "metrics.jsonl"
+
+
+def loop_overhead(cfg: ModelConfig, B: int, T: int, *, data_dir: Path, out_dir: Path, ds_config: str,
+                  steps: int = 8, warmup: int = 2, reps: int = 3, threads: Optional[int] = None,
+                  device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """The loop's steady-state step time against the bare step (same config, micro-batch, precision), the
+    bare step measured right before and right after the loop run.
+
+    The verdict compares the fastest steps of each: a shared machine's load only ever adds time, and it
+    may change between the runs, so the least-disturbed steps are what compares the two codes' own costs
+    (the medians are printed beside them; on a quiet machine the two agree)."""
+    def bare() -> List[float]:
+        torch.manual_seed(0)
+        model = HybridLM(cfg).to(device=device, dtype=dtype)
+        # The trainer's optimizer: torch's AdamW (not fused) over the same parameter groups.
+        times = time_steps(model, make_optimizer(model, fused=False), cfg.vocab_size, B, T, reps=reps)
+        del model
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()  # the loop's own process needs the memory
+        return times
+
+    before = bare()
+    intervals, reported = steady_intervals(run_loop(cfg, B, T, data_dir, out_dir / "loop_run", ds_config, steps,
+                                                    threads), warmup)
+    if not intervals:
+        raise RuntimeError(f"the loop run wrote no steady-state steps (steps {steps}, warm-up {warmup})")
+    after = bare()
+    bare_s, loop_s = min(before + after), min(intervals)
+    overhead = loop_s / bare_s - 1
+    return {"B": B, "T": T, "hidden_dim": cfg.hidden_dim, "ds_config": ds_config,
+            "bare_step_s": bare_s, "loop_step_s": loop_s, "bare_tok_s": B * T / bare_s, "loop_tok_s": B * T / loop_s,
+            "overhead": overhead, "ok": overhead < LOOP_MAX_OVERHEAD,
+            "bare_median_s": median(before + after), "loop_median_s": median(intervals),
+            "overhead_of_medians": median(intervals) / median(before + after) - 1,
+            "bare_before_s": before, "bare_after_s": after, "loop_intervals_s": intervals,
+            "loop_reported_tok_s": median(reported)}
+
+
+def print_loop(r: dict, note: str = "") -> None:
+    print(f"training loop vs bare step (hidden {r['hidden_dim']}, seq {r['T']} x batch {r['B']}, "
+          f"launch/train.py with {r['ds_config']}, 1 process, logging every step: the worst case{note}):")
+    print(f"  bare step (fwd + bwd + AdamW)   {r['bare_tok_s']:9.1f} tok/s  (fastest of {len(r['bare_before_s'])} "
+          f"before and {len(r['bare_after_s'])} after the loop run: {r['bare_step_s']:.3f} s; median "
+          f"{r['bare_median_s']:.3f} s)")
+    print(f"  launch/train.py steady state    {r['loop_tok_s']:9.1f} tok/s  (fastest wall clock between two of "
+          f"{len(r['loop_intervals_s'])} steps after warm-up: {r['loop_step_s']:.3f} s; median "
+          f"{r['loop_median_s']:.3f} s; the loop's own tokens_per_s, median {r['loop_reported_tok_s']:.1f})")
+    print(f"  loop overhead (engine + guard + logging, per step): {r['overhead']:+.1%}   "
+          f"{'PASS' if r['ok'] else 'FAIL'} (target < {LOOP_MAX_OVERHEAD:.0%}; of the medians: "
+          f"{r['overhead_of_medians']:+.1%})", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The CPU run
+# ----------------------------------------------------------------------------------------------
+
+def parse_points(text: str) -> List[Tuple[int, int]]:
+    """"256x8,1024x2" -> [(256, 8), (1024, 2)] (seq x batch)."""
+    return [tuple(int(v) for v in p.split("x")) for p in text.split(",")]  # type: ignore[misc]
+
+
+def load_note() -> str:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = "  (other processes compete for the cores: expect noise)" if load > 0.5 * cores else ""
+    return f"load average {load:.1f} on {cores} cores{busy}"
+
+
+def run(args) -> None:
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    peak = measure_peak()
-    print(f"torch {torch.__version__}, {threads} threads, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
-    header = (f"{'size':6} {'seq':>5} {'batch':>5} {'params':>8} | {'hybrid tok/s':>12} {'MFU':>6} | "
-              f"{'transf tok/s':>12} {'MFU':>6} {'layers':>6} | {'ratio':>6}")
+    print(f"torch {torch.__version__}, {args.threads} threads, fp32; {load_note()}", flush=True)
+    peak = Peak("cpu", torch.float32)
+    cfg = hybrid_config(args.hidden, args.vocab)
+    hybrid = HybridLM(cfg)
+    n = num_params(hybrid)
+    base = matched_transformer(cfg, n)
+    print(f"hybrid: production preset, hidden {cfg.hidden_dim}, vocab {cfg.vocab_size}, dropout 0: "
+          f"{n / 1e6:.2f}M parameters")
+    print(f"Transformer: pre-norm, causal SDPA, 4x GELU MLP, d{cfg.hidden_dim}, {len(base.blocks)} layers x "
+          f"{base.blocks[0].heads} heads, {'tied' if cfg.tie_embeddings else 'untied'}: "
+          f"{num_params(base) / 1e6:.2f}M parameters")
+    print(f"one step = forward + backward + AdamW; the two models take turns step by step; median of {args.reps} "
+          f"after 1 warm-up", flush=True)
+    opt_h, opt_t = make_optimizer(hybrid), make_optimizer(base)
+    points = parse_points(args.points)
+    steps = {}
+    for T, B in points:
+        print(f"  measuring seq {T} x batch {B} ...", flush=True)
+        steps[(T, B)] = time_interleaved({"hybrid": (hybrid, opt_h, None), "transformer": (base, opt_t, None)},
+                                         cfg.vocab_size, B, T, args.reps)
+        peak.measure()
+    print(f"peak: {peak.describe()}")
+    print(FLOP_DEFINITION)
+    header = (f"{'seq':>5} {'batch':>5} | {'hybrid tok/s':>12} {'MFU':>6} | {'Transf. tok/s':>13} {'MFU':>6} | "
+              f"{'ratio':>5}  target >= {CPU_TARGET_RATIO}")
     print(header)
     print("-" * len(header))
-    for size in sizes:
-        cfg = hybrid_config(size)
-        hybrid = HybridLM(cfg)
-        n_params = sum(p.numel() for p in hybrid.parameters())
-        base = matched_transformer(cfg, n_params)
-        for T in seqs:
-            B = max(1, tokens[size] // T)
-            th = time_train(hybrid, cfg.vocab_size, B, T, steps)
-            tt = time_train(base, cfg.vocab_size, B, T, steps)
-            tok_h, tok_t = B * T / th, B * T / tt
-            mfu_h = matmul_flops_per_token(hybrid, T) * tok_h / peak
-            mfu_t = matmul_flops_per_token(base, T) * tok_t / peak
-            print(f"{size:6} {T:5d} {B:5d} {n_params / 1e6:7.1f}M | {tok_h:12.0f} {mfu_h:6.1%} | "
-                  f"{tok_t:12.0f} {mfu_t:6.1%} {len(base.blocks):6d} | {tok_h / tok_t:6.2f}", flush=True)
+    passed = []
+    for (T, B), t in steps.items():
+        tok_h, tok_t = B * T / median(t["hybrid"]), B * T / median(t["transformer"])
+        mfu_h = flops_per_token(hybrid, T) * tok_h / peak.value
+        mfu_t = flops_per_token(base, T) * tok_t / peak.value
+        passed.append(tok_h / tok_t >= CPU_TARGET_RATIO)
+        print(f"{T:5d} {B:5d} | {tok_h:12.1f} {mfu_h:6.1%} | {tok_t:13.1f} {mfu_t:6.1%} | {tok_h / tok_t:5.2f}  "
+              f"{'PASS' if passed[-1] else 'FAIL'}", flush=True)
+    del base, opt_t
+    for T, B in points:
+        parts = breakdown(hybrid, opt_h, B, T, reps=args.reps)
+        print_breakdown(parts, f"where one hybrid training step goes (seq {T} x batch {B}; each component forward + "
+                               f"backward alone on its captured inputs, in turn with whole steps, median of "
+                               f"{args.reps}, summed over layers):")
+    verdict = (f"CPU target (hybrid >= {CPU_TARGET_RATIO} x Transformer at every point): "
+               f"{'PASS' if all(passed) else 'FAIL'}")
+    if args.no_loop:
+        print(verdict)
+        return
+    T, B = points[0]
+    loop_cfg = cfg if args.loop_hidden == cfg.hidden_dim else hybrid_config(args.loop_hidden, args.vocab)
+    del hybrid, opt_h
+    out = Path(args.out)
+    data = prepare_data(Path(args.data_dir) if args.data_dir else out / "data")
+    r = loop_overhead(loop_cfg, B, T, data_dir=data, out_dir=out, ds_config="ds_configs/cpu.json",
+                      steps=args.loop_steps, reps=args.reps, threads=args.threads)
+    print_loop(r, "" if loop_cfg is cfg else f"; a smaller width than the table's {cfg.hidden_dim}, for time")
+    print(f"{load_note()} at the end")
+    print(f"{verdict}; loop overhead < {LOOP_MAX_OVERHEAD:.0%}: {'PASS' if r['ok'] else 'FAIL'}")
 
 
-def profile(spec: str, threads: int) -> None:
-    size, T = spec.split(":")
-    T = int(T)
-    torch.set_num_threads(threads)
-    cfg = hybrid_config(size)
+def profile(spec: str, args) -> None:
+    width, _, seq = spec.rpartition(":")
+    T = int(seq)
+    torch.set_num_threads(args.threads)
+    cfg = hybrid_config(int(width) if width else args.hidden, args.vocab)
     model = HybridLM(cfg)
-    B = max(1, (8192 if size == "small" else 1024) // T)
-    time_train(model, cfg.vocab_size, B, T, 1)
+    B = dict((t, b) for t, b in parse_points(args.points)).get(T, max(1, 2048 // T))
+    opt = make_optimizer(model)
+    time_steps(model, opt, cfg.vocab_size, B, T, reps=0, warmup=1)
     with torch.profiler.profile() as prof:
-        time_train(model, cfg.vocab_size, B, T, 1)
+        time_steps(model, opt, cfg.vocab_size, B, T, reps=1, warmup=0)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
 
 
 def components(threads: int) -> None:
     """fwd+bwd of each recurrence: the blocked form used by the model vs its sequential reference."""
     from pipeline.model.liquid import CfC, LiquidScan
-    from pipeline.model.scan import diag_scan, diag_scan_ref, selective_scan, selective_scan_ref
+    from pipeline.model.scan import _DiagScan, diag_scan, diag_scan_ref, selective_scan, selective_scan_ref
     from pipeline.model.spiking import lif_spikes
 
     torch.set_num_threads(threads)
@@ -207,15 +575,19 @@ def components(threads: int) -> None:
     for B, T, D in [(8, 1024, 512), (32, 256, 64)]:
         a = torch.rand(B, T, D).requires_grad_()
         b = torch.randn(B, T, D).requires_grad_()
-        print(f"  diag scan B{B} T{T} D{D}: blocked {t_fb(lambda: diag_scan(a, b), a, b):8.1f} | "
+        fused = t_fb(lambda: diag_scan(a, b), a, b)
+        blocked = t_fb(lambda: _DiagScan.apply(a, b, None), a, b)
+        print(f"  diag scan B{B} T{T} D{D}: fused C++ {fused:8.1f} | blocked {blocked:8.1f} | "
               f"unbind loop {t_fb(lambda: diag_scan_ref(a, b), a, b):8.1f}")
     for B, T, E, N in [(32, 256, 256, 32), (4, 1024, 1280, 32)]:
         ins = [torch.randn(B, T, E), 0.1 * torch.rand(B, T, E), -8 * torch.rand(E, N),
                torch.randn(B, T, N), torch.randn(B, T, N)]
         ins = [x.requires_grad_() for x in ins]
-        fast = t_fb(lambda: selective_scan(*ins), *ins)
+        fused = t_fb(lambda: selective_scan(*ins), *ins)
+        blocked = t_fb(lambda: selective_scan(*ins, method="blocked"), *ins)
         ref = t_fb(lambda: selective_scan_ref(*ins), *ins, reps=1)
-        print(f"  selective scan B{B} T{T} E{E} N{N}: blocked {fast:8.1f} | unbind loop (ref) {ref:8.1f}")
+        print(f"  selective scan B{B} T{T} E{E} N{N}: fused C++ {fused:8.1f} | blocked {blocked:8.1f} | "
+              f"unbind loop (ref) {ref:8.1f}")
     for B, T, S, beta in [(32, 256, 32, 0.95), (8, 1024, 128, 0.95), (8, 1024, 128, 0.5)]:
         sig = 0.5 * math.sqrt(1 - beta ** 2)
         current = 0.5 * (1 - beta) + sig * torch.randn(B, T, S)
@@ -279,23 +651,28 @@ def stdp_components(t_fb) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="small,base")
-    p.add_argument("--seqs", default="256,1024")
-    p.add_argument("--small_tokens", type=int, default=8192, help="tokens per step at small width")
-    p.add_argument("--base_tokens", type=int, default=1024, help="tokens per step at base width")
-    p.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up); median reported")
+    p.add_argument("--hidden", type=int, default=512, help="hybrid width (production preset otherwise)")
+    p.add_argument("--vocab", type=int, default=8000)
+    p.add_argument("--points", default="256x8,1024x2", help="seq x batch, comma-separated")
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions (after one warm-up); medians reported")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--profile", default=None, help="SIZE:SEQ, e.g. small:256: print an op profile instead")
+    p.add_argument("--no_loop", action="store_true", help="skip the launch/train.py loop-overhead run")
+    p.add_argument("--loop_hidden", type=int, default=None, help="width of the loop-overhead run (default: --hidden)")
+    p.add_argument("--loop_steps", type=int, default=10, help="steps of the loop run (the first 2 are warm-up)")
+    p.add_argument("--data_dir", default=None, help="tokenized data for the loop run (default: OUT/data, built once)")
+    p.add_argument("--out", default=str(ROOT / "outputs/bench"), help="the loop run's folder and log go here")
+    p.add_argument("--profile", default=None, help="[WIDTH:]SEQ, e.g. 256: print an op profile instead")
     p.add_argument("--components", action="store_true", help="time each recurrence vs its reference instead")
     args = p.parse_args(argv)
+    if args.loop_hidden is None:
+        args.loop_hidden = args.hidden
     if args.components:
         components(args.threads)
         return
     if args.profile:
-        profile(args.profile, args.threads)
+        profile(args.profile, args)
         return
-    run(args.sizes.split(","), [int(s) for s in args.seqs.split(",")],
-        {"small": args.small_tokens, "base": args.base_tokens}, args.steps, args.threads)
+    run(args)
 
 
 if __name__ == "__main__":
