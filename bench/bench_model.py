@@ -3,7 +3,7 @@
     python bench/bench_model.py                 # the CPU target (below): table, breakdown, loop overhead
     python bench/bench_model.py --no_loop       # without the launch/train.py run
     python bench/bench_model.py --loop_hidden 128   # the loop-overhead part at a smaller width (faster)
-    python bench/bench_model.py --components    # each recurrence: the model's blocked form vs its reference
+    python bench/bench_model.py --components    # each recurrence: fused kernel vs blocked fallback vs reference
     python bench/bench_model.py --profile 256   # op-level profile of one hybrid step, [WIDTH:]SEQ
 
 The default run measures the CPU target as the issue defines it, in one process:
