@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .kernels import rms_norm_cpu
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32 (safe for fp16 modules), cast back to the input dtype."""
@@ -18,11 +20,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu" and x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.float64):
-            from .kernels import rms_norm_cpu
-
-            if rms_norm_cpu() is not None:
-                return _RMSNormCPU.apply(x, self.weight, self.eps)
+        if (x.device.type == "cpu" and x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.float64)
+                and rms_norm_cpu() is not None):
+            return _RMSNormCPU.apply(x, self.weight, self.eps)
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.to(y.dtype)).to(x.dtype)
@@ -33,8 +33,6 @@ class _RMSNormCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        from .kernels import rms_norm_cpu
-
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         y, rstd = rms_norm_cpu().forward(x2, weight.contiguous(), eps)
         ctx.save_for_backward(x2, weight, rstd)
@@ -42,8 +40,6 @@ class _RMSNormCPU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy: Tensor):
-        from .kernels import rms_norm_cpu
-
         x2, weight, rstd = ctx.saved_tensors
         gx, gw = rms_norm_cpu().backward(x2, weight.contiguous(), rstd, gy.reshape(x2.shape).contiguous())
         return gx.view(gy.shape), gw, None

@@ -31,6 +31,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .kernels import diag_scan_cpu, selective_scan_cpu
+
 # Below this length the carry scan over chunk summaries is a plain loop (it is already short).
 _SMALL = 8
 
@@ -122,8 +124,6 @@ class _DiagScan(torch.autograd.Function):
 
 
 def _diag_scan_cpu():
-    from .kernels import diag_scan_cpu
-
     return diag_scan_cpu()
 
 
@@ -383,8 +383,6 @@ class _SelectiveScanCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, Bm, Cm, h0):
-        from .kernels import selective_scan_cpu
-
         h0_arg = h0 if h0 is not None else u.new_empty(0)
         y, h_last = selective_scan_cpu().forward(u, delta, A, Bm, Cm, h0_arg)
         ctx.save_for_backward(u, delta, A, Bm, Cm, h0_arg)
@@ -393,8 +391,6 @@ class _SelectiveScanCPU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy, gh_last):
-        from .kernels import selective_scan_cpu
-
         u, delta, A, Bm, Cm, h0_arg = ctx.saved_tensors
         gy = gy.contiguous() if gy is not None else torch.zeros_like(u)
         gh = gh_last.contiguous() if gh_last is not None else u.new_empty(0)
@@ -403,11 +399,7 @@ class _SelectiveScanCPU(torch.autograd.Function):
 
 
 def _fused_cpu_available(u: Tensor) -> bool:
-    if u.device.type != "cpu":
-        return False
-    from .kernels import selective_scan_cpu
-
-    return selective_scan_cpu() is not None
+    return u.device.type == "cpu" and selective_scan_cpu() is not None
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor,
