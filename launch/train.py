@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     check_precision_supported(ds_config, cfg.deepspeed_config, cfg.train.allow_cpu_fp16)
     configure_determinism(cfg.train.deterministic)
 
-    rank, world_size = comm.init_distributed()  # under deepspeed, srun, mpirun or alone
+    rank, world_size = comm.init_distributed(cfg.train.collective_timeout_s)  # under deepspeed, srun, mpirun or alone
     configure_cpu_threads()  # after: under srun and mpirun the ranks per node are known only now
     run_dir = Path(cfg.train.out_dir)
     log = setup_logging(run_dir, rank)
@@ -55,21 +55,23 @@ def main(argv=None) -> int:
     micro_batch = ds_config["train_micro_batch_size_per_gpu"]
     # One process per node hashes the shards (every rank checks their sizes): nodes may hold their own copies.
     verify = int(os.environ.get("LOCAL_RANK", "0")) == 0
-    # A continual schedule trains tasks from named folders: its stream stands in for the reader.
-    continual = ContinualRun(cfg, micro_batch, ds_config["gradient_accumulation_steps"], rank, world_size, verify,
-                             run_dir) if cfg.continual.enabled else None
-    if continual is not None:
-        cfg.train.max_steps = continual.total_steps
-    train_reader = continual.stream if continual else PackedReader(
-        cfg.data.data_dir, split="train", sequence_length=cfg.data.sequence_length, micro_batch_size=micro_batch,
-        seed=cfg.data.seed, rank=rank, world_size=world_size, verify_checksums=verify,
-        trace_file=run_dir / "samples" / f"rank{rank}.jsonl" if cfg.data.trace_samples else None)
-    val_reader = continual.validation if continual else PackedReader(
-        cfg.data.data_dir, split="validation", sequence_length=cfg.data.sequence_length, micro_batch_size=micro_batch,
-        seed=cfg.data.seed, rank=rank, world_size=world_size, verify_checksums=verify)
-    if train_reader.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
-                          f"({train_reader.vocab_size}) of {cfg.data.data_dir}/manifest.json")
+    # Checks some ranks make alone (shard checksums) end every rank, with the same sentence.
+    with comm.fail_together(ConfigError, DataError, OSError):
+        # A continual schedule trains tasks from named folders: its stream stands in for the reader.
+        continual = ContinualRun(cfg, micro_batch, ds_config["gradient_accumulation_steps"], rank, world_size,
+                                 verify, run_dir) if cfg.continual.enabled else None
+        if continual is not None:
+            cfg.train.max_steps = continual.total_steps
+        train_reader = continual.stream if continual else PackedReader(
+            cfg.data.data_dir, split="train", sequence_length=cfg.data.sequence_length, micro_batch_size=micro_batch,
+            seed=cfg.data.seed, rank=rank, world_size=world_size, verify_checksums=verify,
+            trace_file=run_dir / "samples" / f"rank{rank}.jsonl" if cfg.data.trace_samples else None)
+        val_reader = continual.validation if continual else PackedReader(
+            cfg.data.data_dir, split="validation", sequence_length=cfg.data.sequence_length,
+            micro_batch_size=micro_batch, seed=cfg.data.seed, rank=rank, world_size=world_size, verify_checksums=verify)
+        if train_reader.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
+                              f"({train_reader.vocab_size}) of {cfg.data.data_dir}/manifest.json")
 
     # ---- model and engine: identical initial weights on every rank, then per-rank dropout streams
     torch.manual_seed(cfg.train.seed)
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
         plasticity.register(states)
         if continual is not None:
             continual.schedule.subscribe(plasticity)  # each task start retakes the metaplastic reference
-    checkpointer = Checkpointer(run_dir, states, keep=cfg.train.keep_checkpoints)
+    checkpointer = Checkpointer(run_dir, states, keep=cfg.train.keep_checkpoints, best=best)
 
     # ---- resume: the engine from DeepSpeed's checkpoint, then every registered state, then the RNG
     resumed_from = checkpointer.load(engine, cfg.train.resume)
@@ -269,10 +271,28 @@ def main(argv=None) -> int:
     return 0
 
 
+def _lost_peer_exit(err: BaseException) -> None:
+    """A collective failed because a peer is gone: one sentence, and out at once (tearing down the
+    process group or DeepSpeed's atexit work would wait on the lost peer all over again)."""
+    message = comm.lost_peer(err)
+    if message is None:
+        return
+    import logging
+
+    logging.getLogger("train").error("%s", message)
+    print(f"error: rank {comm.world()[0]}: {message}", file=sys.stderr, flush=True)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(comm.LOST_PEER_EXIT_CODE)
+
+
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ConfigError, DataError, CheckpointError) as err:
+    except (ConfigError, DataError, CheckpointError, comm.PeerFailed) as err:
         # One sentence naming the file or field, not a traceback from deep inside a library.
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as err:
+        _lost_peer_exit(err)
+        raise

@@ -106,6 +106,57 @@ def barrier() -> None:
         dist.barrier()
 
 
+class PeerFailed(RuntimeError):
+    """Another rank failed a check this rank passed; the message is that rank's own."""
+
+
+@contextlib.contextmanager
+def fail_together(*errors: type):
+    """Collective: an error of one of `errors` raised inside the block on any rank is raised on every
+    rank, with the lowest failing rank's message (and its type where this rank knows it).
+
+    For work some ranks do alone (shard checksums on one rank per node, a conversion on rank 0): a
+    rank that fails alone would leave the others waiting in their next collective."""
+    rank, world_size = world()
+    failure = None
+    try:
+        yield
+    except errors as err:
+        failure = err
+    first = int(all_reduce(torch.tensor([float(rank if failure is not None else world_size)]), op="min").item())
+    if first == world_size:
+        return
+    kind, message = broadcast_object([type(failure).__name__, str(failure)] if rank == first else None, src=first)
+    if failure is not None and rank == first:
+        raise failure
+    known = {cls.__name__: cls for cls in errors}
+    raise known.get(kind, PeerFailed)(f"rank {first}: {message}")
+
+
+# EX_PROTOCOL from sysexits.h: a peer went away mid-collective. Transient (a node failure, a killed
+# rank): the batch scripts requeue on it, and `--train.resume auto` continues from the last checkpoint.
+LOST_PEER_EXIT_CODE = 76
+# What gloo and NCCL say when a peer dies or hangs in a collective (closed socket, timeout, abort).
+_LOST_PEER = re.compile(r"connection (closed|reset)|closed by peer|broken pipe|timed? ?out|timeout|"
+                        r"NCCL (error|communicator was aborted)|DistBackendError|socket|ECONNRESET|EPIPE",
+                        re.IGNORECASE)
+
+
+_timeout_s = 300.0  # init_distributed's, for the message
+
+
+def lost_peer(err: BaseException) -> Optional[str]:
+    """The sentence for an error that means a peer rank is gone (None for any other error)."""
+    text = f"{type(err).__name__}: {err}"
+    if not dist.is_initialized() or not _LOST_PEER.search(text):
+        return None
+    first_line = text.strip().splitlines()[0][:300]
+    return (f"lost contact with another rank during a collective ({first_line}). The likely cause: a rank exited "
+            f"or was killed, or its node failed or hung (collectives wait at most train.collective_timeout_s="
+            f"{_timeout_s:g}). Exit code {LOST_PEER_EXIT_CODE}: requeue or rerun; --train.resume auto continues from "
+            "the last checkpoint")
+
+
 # ---- starting the process group -------------------------------------------------------------
 
 _TORCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -174,7 +225,7 @@ def _mpi_master_port() -> int:
     return world.bcast(free_port() if world.Get_rank() == 0 else None, root=0)
 
 
-def init_distributed() -> tuple[int, int]:
+def init_distributed(timeout_s: float = 300.0) -> tuple[int, int]:
     """Start the default process group under whatever launched this process; returns (rank, world size).
 
     - the deepspeed launcher (one node, `--hostfile` over pdsh/ssh, `--no_ssh --node_rank`), torchrun,
@@ -183,7 +234,12 @@ def init_distributed() -> tuple[int, int]:
       MASTER_ADDR / MASTER_PORT exported by the batch script;
     - mpirun / mpiexec / `srun --mpi=pmi2`: DeepSpeed's MPI discovery (mpi4py), on a port rank 0 chose;
     - plain `python launch/train.py`: a group of one, on a free port.
+
+    Every collective of the group, DeepSpeed's included, gives up after `timeout_s` seconds, so a
+    lost or hung peer ends this rank instead of holding it for DeepSpeed's default of 30 minutes.
     """
+    from datetime import timedelta
+
     import deepspeed
     from deepspeed.constants import TORCH_DISTRIBUTED_DEFAULT_PORT
 
@@ -205,7 +261,9 @@ def init_distributed() -> tuple[int, int]:
             for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
                                 ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
                 os.environ.setdefault(name, value)
-    deepspeed.init_distributed(distributed_port=port)
+    global _timeout_s
+    _timeout_s = timeout_s
+    deepspeed.init_distributed(distributed_port=port, timeout=timedelta(seconds=timeout_s))
     atexit.register(_remove_shm_buffer, dist.get_rank())
     return world()
 

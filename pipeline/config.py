@@ -201,6 +201,10 @@ class TrainConfig:
     preemption_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     """Signals (SLURM: SIGTERM on preemption, `--signal=USR1@<s>` before the time limit) after which every
     rank finishes its step, saves a checkpoint and exits with code 75 (requeue); [] to keep the default actions."""
+    collective_timeout_s: float = 300.0
+    """Longest wait of any collective (start-up, gradient reduction, checkpoint barriers) for a peer rank. A
+    rank lost to a kill, a crash or a node failure makes every other rank exit within this time with a
+    message naming the likely cause and exit code 76 (requeue). Keep it above the slowest checkpoint save."""
 
     def __post_init__(self) -> None:
         # 0 is for continual schedules, which set it to the sum of their tasks (checked in RunConfig).
@@ -208,6 +212,7 @@ class TrainConfig:
         _require(self.lr > 0, f"train.lr must be positive, got {self.lr}")
         _require(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio must lie in [0, 1]")
         _require(self.warmup_steps >= 0, "train.warmup_steps must be non-negative")
+        _require(self.collective_timeout_s > 0, "train.collective_timeout_s must be positive")
         for name in ("eval_interval", "checkpoint_interval", "log_interval"):
             _require(getattr(self, name) > 0, f"train.{name} must be positive")
         for name in self.preemption_signals:

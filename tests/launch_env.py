@@ -235,6 +235,186 @@ class SlurmCluster:
         wait_until(reached, timeout, f"job {job_id} to reach {states}", interval=0.5)
         return info
 
+    def job_processes(self, job_id: int) -> list[int]:
+        """Pids of a job's instance still on this host: its slurmstepds ("slurmstepd: [JOB.batch]",
+        "[JOB.0]") and whatever carries SLURM_JOB_ID=JOB of this cluster in its environment."""
+        step_tag, job_env = f"[{job_id}.".encode(), f"SLURM_JOB_ID={job_id}".encode()
+        conf = f"SLURM_CONF={self.env['SLURM_CONF']}".encode()
+        pids = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+                environ = (proc / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue  # gone already
+            if (cmdline.startswith(b"slurmstepd") and step_tag in cmdline) or (job_env in environ and conf in environ):
+                pids.append(int(proc.name))
+        return pids
+
+    def release_requeued(self, job_id: int, started: Callable[[], bool], timeout: float = 120,
+                         attempts: int = 3) -> int:
+        """Start a requeued job now instead of after SLURM's two-minute hold; returns how many launches
+        slurmd refused before `started()` (the new instance's first sign of life) became true.
+
+        slurmd revokes the old instance's credential when it kills it, and refuses a launch whose
+        credential is not newer, in whole seconds, than that revocation ("Job credential revoked",
+        "already killed, do not launch batch job"); slurmctld then ends the job instead of starting it.
+        SLURM's own hold exists for this. Here: wait until the old instance has left the host, then past
+        the next second, then release; a refused launch is requeued and released again."""
+        ended = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "BOOT_FAIL", "OUT_OF_MEMORY"}
+        for refused in range(attempts):
+            wait_until(lambda: not self.job_processes(job_id), timeout, f"the last instance of job {job_id} to leave")
+            time.sleep(2.0)
+            self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+            wait_until(lambda: started() or self.job(job_id).get("JobState") in ended, timeout,
+                       f"job {job_id} to start again")
+            if started():
+                return refused
+            self.run("scontrol", "requeue", str(job_id))
+            self.wait_for_state(job_id, {"PENDING"}, timeout)
+        raise RuntimeError(f"slurmd refused job {job_id} {attempts} times: {self.job(job_id)}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+
+
+class SlurmCluster:
+    """munged, slurmctld and one slurmd per node, all on this host (NodeHostname=localhost, own ports).
+
+    ProctrackType=proctrack/linuxproc and TaskPlugin=task/none: no cgroups or systemd needed.
+    `env` (SLURM_CONF) is what sbatch, squeue, scontrol and scancel need to talk to this cluster.
+    """
+
+    def __init__(self, root: Path, nodes: tuple[str, ...] = ("n1", "n2"), cpus_per_node: int = 2):
+        self.root = root
+        self.nodes = nodes
+        self.cpus = cpus_per_node
+        self.processes: list[subprocess.Popen] = []
+        self.env = dict(os.environ, SLURM_CONF=str(root / "slurm.conf"),
+                        PATH=os.environ.get("PATH", "") + os.pathsep + SYSTEM_PATH)
+
+    def _daemon(self, *cmd: str, log: str) -> subprocess.Popen:
+        process = subprocess.Popen(list(cmd), start_new_session=True, env=self.env,
+                                   stdout=open(self.root / log, "w"), stderr=subprocess.STDOUT)
+        self.processes.append(process)
+        return process
+
+    def start(self) -> None:
+        root = self.root
+        (root / "state").mkdir(parents=True, exist_ok=True)
+        (root / "spool").mkdir(exist_ok=True)
+        os.chmod(root, 0o755)  # munge wants its socket's folder reachable by every user
+        subprocess.run([which("mungekey"), "-c", "-f", "-k", str(root / "munge.key")], check=True, timeout=30)
+        socket_path = root / "munge.socket"
+        self._daemon(which("munged"), "-F", "-f", f"--socket={socket_path}", f"--key-file={root / 'munge.key'}",
+                     f"--pid-file={root / 'munged.pid'}", f"--log-file={root / 'munged.log'}",
+                     f"--seed-file={root / 'munged.seed'}", log="munged.out")
+        wait_until(socket_path.exists, 15, "munged's socket")
+        ctld_port = free_port()
+        node_ports = {node: free_port() for node in self.nodes}
+        host = socket.gethostname().split(".")[0]  # slurmctld checks it runs on SlurmctldHost
+        # A random first job id: MASTER_PORT is derived from the job id, and this cluster may share the
+        # host with another one (or with an earlier session's leftovers).
+        lines = [
+            "ClusterName=pipelinetest", f"SlurmctldHost={host}(127.0.0.1)", f"SlurmctldPort={ctld_port}",
+            "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={socket_path}",
+            "SlurmUser=root", "SlurmdUser=root", f"StateSaveLocation={root / 'state'}",
+            f"SlurmdSpoolDir={root / 'spool'}/%n", f"SlurmctldPidFile={root / 'slurmctld.pid'}",
+            f"SlurmdPidFile={root}/slurmd.%n.pid", f"SlurmctldLogFile={root / 'slurmctld.log'}",
+            f"SlurmdLogFile={root}/slurmd.%n.log", "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
+            "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
+            "JobCompType=jobcomp/none", "SchedulerType=sched/builtin", "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_CPU", "MpiDefault=none", "ReturnToService=2",
+            "SlurmdParameters=config_overrides", "MinJobAge=3600", "KillWait=10", "InactiveLimit=0",
+            f"FirstJobId={random.randint(1000, 30000)}",
+            *(f"NodeName={node} NodeHostname=localhost NodeAddr=127.0.0.1 Port={port} CPUs={self.cpus} State=UNKNOWN"
+              for node, port in node_ports.items()),
+            f"PartitionName=test Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP",
+        ]
+        (root / "slurm.conf").write_text("\n".join(lines) + "\n")
+        self._daemon(which("slurmctld"), "-D", "-i", "-f", str(root / "slurm.conf"), log="slurmctld.out")
+        for node in self.nodes:
+            self._daemon(which("slurmd"), "-D", "-N", node, "-f", str(root / "slurm.conf"), log=f"slurmd.{node}.out")
+        wait_until(self._all_idle, 60, "every node to be idle (see slurmctld.log / slurmd.*.log)", interval=0.5)
+
+    def _all_idle(self) -> bool:
+        for process in self.processes:
+            if process.poll() is not None:
+                raise RuntimeError(f"a SLURM daemon exited: {process.args}; logs in {self.root}")
+        out = self.run("sinfo", "-h", "-N", "-o", "%N %t", check=False)
+        states = dict(line.split() for line in out.splitlines() if line.strip())
+        return set(states) == set(self.nodes) and all(s == "idle" for s in states.values())
+
+    def run(self, *cmd: str, check: bool = True, timeout: float = 30) -> str:
+        out = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, env=self.env)
+        if check and out.returncode != 0:
+            raise RuntimeError(f"`{' '.join(cmd)}` failed: {out.stderr.strip()}")
+        return out.stdout
+
+    def sbatch(self, *args: str, env: dict, cwd: Path) -> int:
+        out = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True, timeout=30,
+                             env={**env, "SLURM_CONF": self.env["SLURM_CONF"], "PATH": self.env["PATH"]}, cwd=cwd)
+        if out.returncode != 0:
+            raise RuntimeError(f"sbatch failed: {out.stderr.strip()}")
+        return int(out.stdout.strip().split(";")[0])
+
+    def job(self, job_id: int) -> dict:
+        """`scontrol show job` as a dict (JobState, ExitCode, Restarts, Reason, ...)."""
+        out = self.run("scontrol", "show", "job", "-o", str(job_id))
+        return dict(item.split("=", 1) for item in out.split() if "=" in item)
+
+    def wait_for_state(self, job_id: int, states: set[str], timeout: float) -> dict:
+        info: dict = {}
+
+        def reached() -> bool:
+            info.update(self.job(job_id))
+            return info.get("JobState") in states
+
+        wait_until(reached, timeout, f"job {job_id} to reach {states}", interval=0.5)
+        return info
+
+    def job_processes(self, job_id: int) -> list[int]:
+        """Pids of a job's instance still on this host: its slurmstepds ("slurmstepd: [JOB.batch]",
+        "[JOB.0]") and whatever carries SLURM_JOB_ID=JOB of this cluster in its environment."""
+        step_tag, job_env = f"[{job_id}.".encode(), f"SLURM_JOB_ID={job_id}".encode()
+        conf = f"SLURM_CONF={self.env['SLURM_CONF']}".encode()
+        pids = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+                environ = (proc / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue  # gone already
+            if (cmdline.startswith(b"slurmstepd") and step_tag in cmdline) or (job_env in environ and conf in environ):
+                pids.append(int(proc.name))
+        return pids
+
+    def release_requeued(self, job_id: int, timeout: float = 120, attempts: int = 3) -> int:
+        """Start a requeued job now instead of after SLURM's two-minute hold; returns the launch retries.
+
+        slurmd revokes the old instance's credential when it kills that instance, and refuses a launch
+        whose credential is not newer, in whole seconds, than the revocation ("Job credential revoked",
+        "already killed, do not launch batch job"). SLURM's own hold exists for exactly that; here we
+        wait until the old instance is gone from the host, then past the next second, and release. A
+        launch refused all the same comes back held, and is released again."""
+        wait_until(lambda: not self.job_processes(job_id), timeout, f"the first instance of job {job_id} to end")
+        for retry in range(attempts):
+            time.sleep(2.0)
+            self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+            info = self.wait_for_state(job_id, {"RUNNING", "COMPLETED", "FAILED", "CANCELLED", "PENDING"}, timeout)
+            if info["JobState"] != "PENDING" or "StartTime=now" and info.get("Reason") in ("None", "Priority", "Resources"):
+                if info["JobState"] == "PENDING":  # released, not yet scheduled: wait for it to run
+                    info = self.wait_for_state(job_id, {"RUNNING", "COMPLETED", "FAILED", "CANCELLED"}, timeout)
+                    if info["JobState"] == "PENDING":
+                        continue
+                if info["JobState"] == "RUNNING" or info.get("Reason") not in ("launch_failed_requeued_held",):
+                    return retry
+            # A refused launch: the job is requeued and held (admin hold); let the host settle and retry.
+            wait_until(lambda: not self.job_processes(job_id), timeout, f"the refused launch of job {job_id} to end")
+            self.run("scontrol", "release", str(job_id), check=False)
+        raise RuntimeError(f"job {job_id} could not be restarted after {attempts} tries: {self.job(job_id)}")
+
     def stop(self) -> None:
         """Cancel every job (their ranks checkpoint and exit), then stop the daemons, newest first."""
         try:

@@ -249,3 +249,92 @@ def test_a_tagged_checkpoint_is_neither_latest_nor_pruned(tmp_path):
     checkpointer.save(Engine(), 3)
     assert checkpointer.latest_tag() == "step00000003"
     assert sorted(p.name for p in checkpointer.dir.iterdir() if p.is_dir()) == ["best", "step00000003"]
+
+
+# ---- rollback, restarts and `best` (faults issue, items 1, 2 and 8) ------------------------------
+
+class StepEngine(FakeEngine):
+    """FakeEngine with DeepSpeed's step counter restored by load and `latest` only for step tags."""
+
+    def __init__(self):
+        self.global_steps = 0
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest=True):
+        os.makedirs(f"{save_dir}/{tag}", exist_ok=True)
+        torch.save({**client_state, "step": self.global_steps}, f"{save_dir}/{tag}/client.pt")
+        if save_latest:
+            with open(f"{save_dir}/latest", "w") as f:
+                f.write(tag)
+
+    def load_checkpoint(self, load_dir, tag):
+        state = torch.load(f"{load_dir}/{tag}/client.pt", weights_only=False)
+        self.global_steps = state.pop("step")
+        return f"{load_dir}/{tag}", state
+
+
+def _train(checkpointer, engine, steps):
+    for step in steps:
+        engine.global_steps = step
+        checkpointer.save(engine, step)
+
+
+def test_after_an_explicit_rollback_new_checkpoints_survive_and_auto_resumes_the_new_trajectory(tmp_path, caplog):
+    checkpointer, engine = Checkpointer(tmp_path, ClientState(), keep=2), StepEngine()
+    _train(checkpointer, engine, range(1, 11))  # keeps 9 and 10
+    old = tmp_path / "copy-of-step9"
+    import shutil
+    shutil.copytree(checkpointer.dir / "step00000009", old)
+    engine = StepEngine()
+    with caplog.at_level(logging.WARNING):
+        assert checkpointer.load(engine, str(old)) == old and engine.global_steps == 9
+    assert "step00000010" in caplog.text and "set aside" in caplog.text
+    _train(checkpointer, engine, (10, 11))  # the new trajectory's step 10 is not the old one's
+    names = sorted(p.name for p in checkpointer.dir.iterdir() if p.is_dir())
+    assert names == ["abandoned-step00000010", "step00000010", "step00000011"], "nothing new pruned, the old kept aside"
+    assert checkpointer.latest_tag() == "step00000011"
+    engine = StepEngine()
+    assert checkpointer.load(engine, "auto").name == "step00000011"
+
+
+def test_an_explicit_resume_repeated_by_a_restarted_job_gives_way_to_the_newest_checkpoint(tmp_path, caplog, monkeypatch):
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    checkpointer, engine = Checkpointer(tmp_path, ClientState(), keep=3), StepEngine()
+    _train(checkpointer, engine, (1, 2))
+    start = str(checkpointer.dir / "step00000001")
+    engine = StepEngine()
+    assert checkpointer.load(engine, start).name == "step00000001"  # the first time it is honoured
+    assert (checkpointer.dir / "abandoned-step00000002").is_dir()
+    import time
+    time.sleep(0.05)
+    _train(checkpointer, engine, (2, 3))
+    engine = StepEngine()
+    with caplog.at_level(logging.WARNING):
+        assert checkpointer.load(engine, start).name == "step00000003"  # the same command again
+    assert "was applied before" in caplog.text and "step00000003 was written since" in caplog.text
+    # A requeued SLURM job: the newest wins whatever the record says.
+    (checkpointer.dir / "resume_applied.json").unlink()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert checkpointer.load(StepEngine(), start).name == "step00000003"
+
+
+def test_best_is_swapped_in_whole_and_a_rollback_cannot_replace_it_with_a_worse_model(tmp_path):
+    from pipeline.engine.checkpoint import BEST_TAG, BestCheckpoint
+
+    states, best = ClientState(), BestCheckpoint()
+    states.register("best", best)
+    checkpointer, engine = Checkpointer(tmp_path, states, keep=0, best=best), StepEngine()
+    for step, loss in ((1, 3.0), (2, 2.0), (3, 1.0)):
+        engine.global_steps = step
+        checkpointer.save(engine, step)
+        if best.improved(step, loss):
+            checkpointer.save(engine, step, tag=BEST_TAG)
+    assert json_load(checkpointer.dir / "best" / "best.json") == {"loss": 1.0, "step": 3}
+    assert not list(checkpointer.dir.glob("best.*")), "no temporary or old copy left"
+    # A crash between the two renames of the next swap: `best.old` is complete, `best` is gone.
+    (checkpointer.dir / "best").rename(checkpointer.dir / "best.old")
+    (checkpointer.dir / "best.tmp").mkdir()
+    engine = StepEngine()
+    checkpointer.load(engine, str(checkpointer.dir / "step00000002"))  # roll back to a worse model
+    assert (checkpointer.dir / "best" / "best.json").is_file() and not (checkpointer.dir / "best.tmp").exists()
+    assert best.loss == 1.0 and best.step == 3, "the better model on disk sets the bar"
+    assert not best.improved(3, 1.5)

@@ -151,3 +151,62 @@ def test_no_collective_outside_the_helper():
                  if path != helper for hit in _collective_calls(path)]
     assert not offenders, "collectives must go through pipeline/comm.py:\n" + "\n".join(offenders)
     assert _collective_calls(helper), "the scan found nothing in the helper itself: it is broken"
+
+
+# ---- failing together, and a lost peer (faults issue, item 5) -------------------------------------
+
+def _two_rank_worker(rank: int, port: int, timeout_s: float, scenario: str, out: str) -> None:
+    import os
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from pipeline.data import DataError
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=timeout_s))
+    result = {}
+    try:
+        if scenario == "fails_alone":
+            with comm.fail_together(DataError):
+                if rank == 0:  # the one rank that hashes the shards finds a bad one
+                    raise DataError("data/train-00001.arrow does not match its checksum")
+        elif scenario == "peer_hangs":
+            if rank == 1:
+                time.sleep(timeout_s * 4)  # alive but silent: a hung rank or an unreachable node
+            comm.all_reduce(torch.ones(1))
+    except Exception as err:
+        result = {"type": type(err).__name__, "message": str(err), "lost_peer": comm.lost_peer(err)}
+    result["seconds"] = time.monotonic()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    os._exit(0)  # no teardown: the peer may be gone
+
+
+def _run_two_ranks(tmp_path, scenario: str, timeout_s: float = 5.0) -> dict:
+    import time
+
+    import torch.multiprocessing as mp
+
+    start = time.monotonic()
+    mp.start_processes(_two_rank_worker, args=(comm.free_port(), timeout_s, scenario, str(tmp_path)), nprocs=2,
+                       join=True, start_method="spawn")
+    return {rank: {**json.loads((tmp_path / f"rank{rank}.json").read_text()), "start": start} for rank in (0, 1)}
+
+
+def test_a_check_failing_on_one_rank_ends_every_rank_with_its_sentence(tmp_path):
+    results = _run_two_ranks(tmp_path, "fails_alone")
+    assert results[0]["type"] == results[1]["type"] == "DataError"
+    assert results[0]["message"] == "data/train-00001.arrow does not match its checksum"
+    assert results[1]["message"] == "rank 0: data/train-00001.arrow does not match its checksum"
+
+
+def test_a_hung_peer_ends_the_waiting_rank_within_the_collective_timeout(tmp_path):
+    results = _run_two_ranks(tmp_path, "peer_hangs", timeout_s=5.0)
+    waited = results[0]["seconds"] - results[0]["start"]
+    assert results[0]["lost_peer"] and "train.collective_timeout_s" in results[0]["lost_peer"], results[0]
+    assert waited < 5.0 + 30, f"rank 0 waited {waited:.0f} s"
+
+
+def test_other_errors_are_not_taken_for_a_lost_peer():
+    assert comm.lost_peer(ValueError("shapes do not match")) is None

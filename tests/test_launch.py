@@ -277,6 +277,15 @@ def finished(cluster: SlurmCluster, job: int, log: Path, timeout: float = TIMEOU
     return info
 
 
+def training_started(cluster: SlurmCluster, job: int, log: Path, metrics: Path, timeout: float = TIMEOUT) -> None:
+    """Wait for step 2 in metrics.jsonl; a job that ends first fails at once with its log."""
+    ended = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
+    wait_until(lambda: (metrics.is_file() and '"step": 2,' in metrics.read_text())
+               or cluster.job(job).get("JobState") in ended, timeout, f"job {job} to train (log: {log})")
+    info = cluster.job(job)
+    assert info.get("JobState") not in ended, f"job ended before training: {info}\n{log.read_text()[-4000:]}"
+
+
 @pytest.mark.launch
 def test_slurm_single_node_two_tasks(slurm, tiny_data, reference, tmp_path):
     run_dir = tmp_path / "run"
@@ -304,14 +313,15 @@ def test_slurm_preempted_job_is_requeued_and_resumes(slurm, tiny_data, tmp_path)
     job, log = submit(slurm, "single_node.sbatch", run_dir,
                       *run_args(tiny_data, run_dir, "--train.max_steps", str(steps), "--train.checkpoint_interval", "1000"))
     metrics = run_dir / "metrics.jsonl"
-    wait_until(lambda: metrics.is_file() and '"step": 2,' in metrics.read_text(), TIMEOUT, "training to start")
+    training_started(slurm, job, log, metrics)
     slurm.run("scancel", "--signal=USR1", str(job))
-    # SLURM holds a requeued job for two minutes before it may start again; the test lets it go at once.
+    # SLURM holds a requeued job for two minutes before it may start again; the test lets it go as soon
+    # as slurmd can take it.
     info = slurm.wait_for_state(job, {"PENDING", "COMPLETED", "FAILED"}, 120)
     assert info["JobState"] == "PENDING", f"the job finished before the signal took effect: {info}"
-    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    refused = slurm.release_requeued(job, started=lambda: f"job {job} run " in log.read_text().split("requeueing", 1)[-1])
     info = finished(slurm, job, log)
-    assert info["Restarts"] == "1"
+    assert info["Restarts"] == str(1 + refused)
     text = log.read_text()
     assert "exit code 75" in text or "Exited with exit code 75" in text
     assert f"job {job}: preempted, checkpoint saved; requeueing" in text and f"job {job} run 2:" in text
@@ -320,6 +330,40 @@ def test_slurm_preempted_job_is_requeued_and_resumes(slurm, tiny_data, tmp_path)
     assert sorted(train_losses(run_dir)) == list(range(1, steps + 1))
     ids = traced_samples(run_dir)
     assert len(ids) == len(set(ids)) == steps * 8, "no sample read twice or skipped across the requeue"
+
+
+@pytest.mark.launch
+def test_slurm_plain_scancel_checkpoints_the_current_step_and_the_job_resumes(slurm, tiny_data, tmp_path):
+    """A plain `scancel` (what a time limit or a preemption without --signal does too): SIGTERM to the
+    batch shell and to every task, SIGKILL KillWait (10 s here) later. The ranks checkpoint the step they
+    are in and exit 75; the batch shell survives to see it and asks for a requeue."""
+    import re
+
+    run_dir, steps = tmp_path / "run", 60
+    job, log = submit(slurm, "single_node.sbatch", run_dir,
+                      *run_args(tiny_data, run_dir, "--train.max_steps", str(steps), "--train.checkpoint_interval", "1000"))
+    training_started(slurm, job, log, run_dir / "metrics.jsonl")
+    slurm.run("scancel", str(job))
+    info = slurm.wait_for_state(job, {"PENDING", "COMPLETED", "FAILED", "CANCELLED"}, 120)
+    wait_until(lambda: not slurm.job_processes(job), 60, f"job {job}'s processes to end")
+    text, train_log = log.read_text(), (run_dir / "training.log").read_text()
+    assert f"job {job}: SIGTERM received" in text, text[-3000:]
+    found = re.search(r"preempted \(SIGTERM\) after step (\d+)", train_log)
+    assert found, train_log[-3000:]
+    stopped = int(found.group(1))
+    assert (run_dir / "checkpoints" / f"step{stopped:08d}" / "checksums.json").is_file()
+    assert f"job {job}: preempted, checkpoint saved; requeueing" in text, "exit 75 reached the batch shell"
+    if info["JobState"] == "PENDING":  # SLURM took the requeue
+        slurm.release_requeued(job, started=lambda: f"job {job} run " in log.read_text().split("requeueing", 1)[-1])
+        finished(slurm, job, log)
+    else:  # a cancelled job stays cancelled: resubmitting the same command resumes it
+        job, log = submit(slurm, "single_node.sbatch", run_dir,
+                          *run_args(tiny_data, run_dir, "--train.max_steps", str(steps), "--train.checkpoint_interval", "1000"))
+        finished(slurm, job, log)
+    assert f"resumed from {run_dir / 'checkpoints' / f'step{stopped:08d}'}" in (run_dir / "training.log").read_text()
+    assert sorted(train_losses(run_dir)) == list(range(1, steps + 1))
+    ids = traced_samples(run_dir)
+    assert len(ids) == len(set(ids)) == steps * 8, "the checkpoint was of the step in progress: nothing redone"
 
 
 # ---- pieces of the launch paths, without launching -----------------------------------------------
@@ -354,7 +398,7 @@ def test_srun_task_environment_becomes_the_torch_one(monkeypatch):
     assert [os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")] == ["5", "6", "1", "1"]
 
 
-def test_preemption_signal_is_noted_and_a_repeat_is_not_swallowed(monkeypatch):
+def test_preemption_signal_is_noted_a_repeat_is_one_request_and_a_third_kills(monkeypatch):
     from pipeline.engine.preemption import Preemption
 
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGUSR2)}
@@ -366,7 +410,9 @@ def test_preemption_signal_is_noted_and_a_repeat_is_not_swallowed(monkeypatch):
         assert preemption.requested() and preemption.received == "SIGUSR1"
         sent = []
         monkeypatch.setattr(os, "kill", lambda pid, sig: sent.append(sig))
-        preemption._on_signal(signal.SIGUSR1, None)  # the same one again: the sender insists
+        preemption._on_signal(signal.SIGUSR1, None)  # again: a group signal forwarded by the launcher
+        assert sent == [] and preemption.received == "SIGUSR1"
+        preemption._on_signal(signal.SIGUSR1, None)  # a third time: the sender insists
         assert sent == [signal.SIGUSR1] and signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
     finally:
         for sig, handler in saved.items():

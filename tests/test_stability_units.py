@@ -62,10 +62,14 @@ def test_quarantine_survives_a_restart_and_does_not_count_towards_the_limit(tmp_
     assert restored.state_dict() == state
 
 
-def test_a_broken_quarantine_file_names_its_line(tmp_path):
-    (tmp_path / "skipped_batches.jsonl").write_text('{"reason": "nan", "windows": [1]}\nnot json\n')
-    with pytest.raises(ValueError, match="skipped_batches.jsonl:2"):
-        guard(tmp_path)
+def test_a_broken_quarantine_record_is_skipped_with_a_warning_naming_its_line(tmp_path, caplog):
+    """A record cut short by a kill must not fail every restart of the job: the rest still counts."""
+    (tmp_path / "skipped_batches.jsonl").write_text('{"reason": "nan", "windows": [1]}\nnot json\n'
+                                                    '{"reason": "spike"}\n{"reason": "nan", "windows": [7]}\n{"reas')
+    with caplog.at_level("WARNING"):
+        g = guard(tmp_path)
+    assert g.quarantined == {1, 7} and g.malformed_records == 3
+    assert "3 malformed quarantine record(s)" in caplog.text and "skipped_batches.jsonl:2" in caplog.text
 
 
 def test_drills_are_deterministic_and_validated():

@@ -32,16 +32,33 @@ echo "job ${SLURM_JOB_ID} run $((${SLURM_RESTART_COUNT:-0} + 1)): ${SLURM_NTASKS
 
 # launch/train.py reads its rank from SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID (pipeline/comm.py).
 # `--train.resume auto` first: a requeued run continues from the newest intact checkpoint; the
-# caller's arguments come after it and win.
+# caller's arguments come after it and win (an explicit --train.resume gives way to the newest
+# checkpoint on a restarted job: pipeline/engine/checkpoint.py).
 # --kill-on-bad-exit=0: the first rank to exit 75 must not get the others killed, or srun would
 # report their signal instead of 75.
-srun --kill-on-bad-exit=0 ${SRUN_ARGS:-} "$PYTHON" -u launch/train.py --train.resume auto "$@"
+srun --kill-on-bad-exit=0 ${SRUN_ARGS:-} "$PYTHON" -u launch/train.py --train.resume auto "$@" &
+srun_pid=$!
+
+# On scancel, a time limit or a preemption without --signal, SLURM sends SIGTERM to this shell and to
+# every task, and SIGKILL KillWait seconds later (GraceTime first, for a preemption). Without a trap
+# this shell would die at once and never requeue. The ranks checkpoint on SIGTERM themselves; a signal
+# meant for this shell alone (`--signal=B:USR1@...`, `scancel --batch`) is passed on to them.
+on_signal() {
+  echo "job ${SLURM_JOB_ID}: SIG$1 received; the ranks checkpoint and exit, $(date '+%F %T')"
+  [ "$1" = USR1 ] && kill -USR1 "$srun_pid" 2>/dev/null  # srun forwards it to every task
+}
+trap 'on_signal TERM' TERM
+trap 'on_signal USR1' USR1
+# A trapped signal interrupts `wait`: wait again until srun has really exited, then take its status.
+while kill -0 "$srun_pid" 2>/dev/null; do wait "$srun_pid"; done
+wait "$srun_pid"
 rc=$?
 
 if [ "$rc" -eq "$PREEMPTED" ]; then
   echo "job ${SLURM_JOB_ID}: preempted, checkpoint saved; requeueing, $(date '+%F %T')"
   # The job goes back to the queue with the same id, log and MASTER_PORT; SLURM ends this run of it.
   scontrol requeue "$SLURM_JOB_ID" ||
-    echo "job ${SLURM_JOB_ID}: scontrol requeue failed (submitted with --requeue?); resubmit to resume" >&2
+    echo "job ${SLURM_JOB_ID}: scontrol requeue failed (submitted with --requeue? cancelled by scancel?);" \
+         "resubmit the same script to resume" >&2
 fi
 exit "$rc"

@@ -13,6 +13,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +29,11 @@ RNG_FILE = "rng_rank{rank}.pt"
 CHECKSUM_FILE = "checksums.json"
 UNIVERSAL_PREFIX = "universal-"  # `<checkpoints>/universal-<tag>/`: a tag converted for another world size
 CORRUPT_PREFIX = "corrupt-"  # a tag that failed its checksums, kept for inspection, out of resume's way
+# A tag "from the future" of an explicit resume from an older checkpoint: another trajectory, kept for
+# inspection, never pruned and never chosen by `resume auto`.
+ABANDONED_PREFIX = "abandoned-"
+RESUME_RECORD = "resume_applied.json"  # the explicit `--train.resume PATH` this run folder last started from
+BEST_RECORD = "best.json"  # inside `best/`: its step and validation loss
 ZERO_PARTITIONS = "*_optim_states.pt"  # one per data-parallel rank under ZeRO-1/2
 
 
@@ -265,6 +271,12 @@ class BestCheckpoint:
     def load_state_dict(self, state: dict) -> None:
         self.loss, self.step = state["loss"], state["step"]
 
+    def at_least_as_good_as(self, on_disk: Optional[dict]) -> None:
+        """After a rollback the restored record may be worse than the `best` folder on disk (written on
+        the abandoned trajectory): only a model better than the one kept there may replace it."""
+        if on_disk and on_disk.get("loss") is not None and on_disk["loss"] < self.loss:
+            self.loss, self.step = on_disk["loss"], on_disk.get("step")
+
 
 class Checkpointer:
     """Saves to `<run_dir>/checkpoints/<tag>/`, keeps the newest `keep`, finds what to resume from.
@@ -278,10 +290,12 @@ class Checkpointer:
     converted to DeepSpeed's universal format and loaded from it.
     """
 
-    def __init__(self, run_dir: str | Path, states: Optional[ClientState] = None, keep: int = 2):
+    def __init__(self, run_dir: str | Path, states: Optional[ClientState] = None, keep: int = 2,
+                 best: Optional[BestCheckpoint] = None):
         self.dir = Path(run_dir) / "checkpoints"
         self.states = states if states is not None else ClientState()
         self.keep = keep
+        self.best = best
 
     def latest_tag(self) -> Optional[str]:
         latest = self.dir / "latest"
@@ -298,13 +312,16 @@ class Checkpointer:
     def save(self, engine, step: int, tag: Optional[str] = None) -> Path:
         """A checkpoint of `step` under `step<N>`, or under `tag` (e.g. `best`): such a checkpoint is never
         pruned and never becomes DeepSpeed's `latest`, so `--train.resume auto` does not pick it."""
-        tag = tag or tag_for_step(step)
+        final = tag or tag_for_step(step)
+        # A named checkpoint (`best`) replaces one that must stay whole until its successor is: it is
+        # written beside it and swapped in by renames. A step folder is new, or a failed earlier attempt.
+        tag = final if final.startswith(TAG_PREFIX) else f"{final}.tmp"
         folder = self.dir / tag
         if engine.global_rank == 0:
             # The same step saved by an earlier attempt (a crash, a resume from an older checkpoint): its
             # files (another world size's partitions, its conversion) must not mix with these.
             shutil.rmtree(folder, ignore_errors=True)
-            shutil.rmtree(self.dir / f"{UNIVERSAL_PREFIX}{tag}", ignore_errors=True)
+            shutil.rmtree(self.dir / f"{UNIVERSAL_PREFIX}{final}", ignore_errors=True)
         comm.barrier()
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=self.states.state_dict(),
                                save_latest=tag.startswith(TAG_PREFIX))
@@ -315,9 +332,39 @@ class Checkpointer:
         if engine.global_rank == 0:
             # The folder is shared by all ranks (a shared filesystem, as DeepSpeed's own loading assumes).
             write_checksums(folder)
+            if tag != final:
+                if final == BEST_TAG and self.best is not None:
+                    (folder / BEST_RECORD).write_text(json.dumps(self.best.state_dict()))
+                folder = self._swap_in(folder, self.dir / final)
             self._prune()
         comm.barrier()  # no rank leaves, or exits on preemption, before the checkpoint is complete
-        return folder
+        return self.dir / final
+
+    @staticmethod
+    def _swap_in(new: Path, final: Path) -> Path:
+        """`new` replaces `final`; at every moment one complete copy exists (`final`, or `final.old`,
+        which `_recover_named` puts back after a crash between the two renames)."""
+        old = final.with_name(f"{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        new.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _recover_named(self) -> None:
+        """Rank 0, before choosing: finish or undo a swap of a named checkpoint cut short by a crash."""
+        if not self.dir.is_dir():
+            return
+        for old in self.dir.glob("*.old"):
+            final = old.with_name(old.name[:-len(".old")])
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.rename(final)
+        for tmp in self.dir.glob("*.tmp"):
+            if not tmp.name.startswith(UNIVERSAL_PREFIX):
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def _prune(self) -> None:
         if self.keep <= 0:
@@ -328,9 +375,21 @@ class Checkpointer:
 
     def _plan(self, resume: str) -> dict:
         """Rank 0's choice of what to load, for every rank: a JSON-able dict (see `load`)."""
-        plan = {"folder": None, "rejected": [], "error": None, "saved_world_size": 0}
+        plan = {"folder": None, "rejected": [], "error": None, "saved_world_size": 0, "explicit": False,
+                "note": None, "best_on_disk": None}
+        self._recover_named()
+        best_record = self.dir / BEST_TAG / BEST_RECORD
+        if best_record.is_file():
+            plan["best_on_disk"] = json.loads(best_record.read_text())
         if resume == "none":
             return plan
+        if resume != "auto":
+            newer = self._progress_since(resume)
+            if newer:
+                # An explicit resume in a batch command is given again on every requeue and restart: once
+                # this run has saved on from it, the newest checkpoint wins, or the job would loop.
+                plan["note"] = f"train.resume={resume} was applied before and {newer}: resuming from the newest checkpoint"
+                resume = "auto"
         if resume == "auto":
             tags = self.tags()
             if not any((self.dir / tag / CHECKSUM_FILE).is_file() for tag in tags):
@@ -366,10 +425,50 @@ class Checkpointer:
                 if problem is not None:
                     plan["error"] = f"train.resume={resume}: {problem}"
                     return plan
+            plan["explicit"] = True
         if folder is not None:
             plan["folder"] = str(folder)
             plan["saved_world_size"] = saved_world_size(folder)
         return plan
+
+    def _progress_since(self, resume: str) -> Optional[str]:
+        """Why an explicit resume is stale (None: it is not): this is a restarted SLURM job, or a
+        checkpoint was written in this run folder after the same resume was last applied."""
+        intact = [tag for tag in self.tags() if (self.dir / tag / CHECKSUM_FILE).is_file()]
+        if not intact:
+            return None
+        restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+        if restarts.isdigit() and int(restarts) > 0:
+            return f"this is restart {restarts} of SLURM job {os.environ.get('SLURM_JOB_ID', '?')}"
+        record = self.dir / RESUME_RECORD
+        if not record.is_file():
+            return None
+        applied = json.loads(record.read_text())
+        if applied.get("resume") != str(Path(resume).resolve()):
+            return None
+        written = [tag for tag in intact if (self.dir / tag / CHECKSUM_FILE).stat().st_mtime > applied["time"]]
+        return f"{written[-1]} was written since" if written else None
+
+    def _set_aside_future(self, step: int, resume: str) -> None:
+        """Rank 0, after an explicit resume at `step`: every checkpoint of a later step belongs to the
+        abandoned trajectory. Renamed (not deleted) out of pruning's and `resume auto`'s way, so the
+        checkpoints this run writes next are the newest."""
+        for tag in self.tags():
+            if int(tag[len(TAG_PREFIX):]) > step:
+                target = self.dir / f"{ABANDONED_PREFIX}{tag}"
+                n = 1
+                while target.exists():
+                    target, n = self.dir / f"{ABANDONED_PREFIX}{tag}.{n}", n + 1
+                (self.dir / tag).rename(target)
+                shutil.rmtree(self.dir / f"{UNIVERSAL_PREFIX}{tag}", ignore_errors=True)
+                log.warning("%s is later than the explicitly resumed step %d: set aside as %s (another trajectory; "
+                            "never pruned or resumed automatically)", tag, step, target.name)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / RESUME_RECORD).write_text(json.dumps({"resume": str(Path(resume).resolve()), "step": step,
+                                                          "time": time.time()}))
+        own = self.dir / tag_for_step(step)
+        if own.is_dir():
+            (self.dir / "latest").write_text(own.name)  # for generate.py and zero_to_fp32 until the next save
 
     def _convert(self, folder: Path, saved: int, world_size: int) -> str:
         """Collective: rank 0 converts `folder` to a universal checkpoint; returns the tag to load.
@@ -399,6 +498,8 @@ class Checkpointer:
         plan = comm.broadcast_object(self._plan(resume) if rank == 0 else None)
         if plan["error"]:
             raise CheckpointError(plan["error"])
+        if rank == 0 and plan["note"]:
+            log.warning("%s", plan["note"])
         if rank == 0 and plan["rejected"]:
             for tag, problem in plan["rejected"]:
                 log.warning("checkpoint %s is damaged: %s. It is moved to %s%s and an older checkpoint is used",
@@ -430,12 +531,27 @@ class Checkpointer:
             # the LR of step 1 for the first resumed step; stepping to the same iteration re-derives both.
             scheduler.step(scheduler.last_batch_iteration)
         self.states.load_state_dict(client_state or {}, source=str(folder))
+        if self.best is not None:
+            self.best.at_least_as_good_as(plan["best_on_disk"])
         rng_file = folder / RNG_FILE.format(rank=engine.global_rank)
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=False))
         else:
             log.warning("%s is missing (written by %d ranks): this rank's RNG starts afresh", rng_file, saved)
+        if plan["explicit"]:
+            if rank == 0:
+                self._set_aside_future(self._resumed_step(engine, folder), resume)
+            comm.barrier()
         return folder
+
+    @staticmethod
+    def _resumed_step(engine, folder: Path) -> int:
+        step = getattr(engine, "global_steps", None)
+        if step is None and folder.name.startswith(TAG_PREFIX):
+            step = int(folder.name[len(TAG_PREFIX):])
+        if step is None and (folder / BEST_RECORD).is_file():
+            step = json.loads((folder / BEST_RECORD).read_text()).get("step")
+        return int(step or 0)
 
 
 def load_for_inference(run_dir: str, tag: Optional[str] = None):

@@ -24,9 +24,11 @@ PREEMPTED_EXIT_CODE = 75
 class Preemption:
     """Catches `signals` and turns them into one collective decision per step (stateless across restarts)."""
 
+    KILL_AT = 3  # the third delivery of the same signal kills: the first two are one request
+
     def __init__(self, signals: Sequence[str] = ("SIGTERM", "SIGUSR1")):
         self.received: Optional[str] = None  # the first signal
-        self._seen: set[str] = set()
+        self._count: dict[str, int] = {}
         self.signals = [signal.Signals[name] for name in signals]
         # Handlers can only be installed from the main thread (a library import inside a thread is not a run).
         if threading.current_thread() is threading.main_thread():
@@ -35,16 +37,17 @@ class Preemption:
 
     def _on_signal(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
-        if name in self._seen:
-            # The same signal again: whoever sends it insists (a hung rank must stay killable by
-            # SIGTERM), so the default action runs. A different signal, e.g. SLURM's SIGTERM after
-            # its SIGUSR1, must not interrupt the checkpoint that the first one asked for.
+        self._count[name] = self._count.get(name, 0) + 1
+        if self._count[name] >= self.KILL_AT:
+            # The sender insists: a hung rank must stay killable by SIGTERM, so the default action runs.
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        self._seen.add(name)
+        # A second delivery is what a signal to the whole process group looks like (a terminal, SLURM,
+        # Kubernetes): the rank gets it directly and again from the launcher that forwards it. Neither
+        # it nor a different signal (SLURM's SIGTERM after its SIGUSR1) may interrupt the checkpoint the
+        # first one asked for.
         self.received = self.received or name  # nothing else here: a handler may interrupt any line
-
     def requested(self) -> bool:
         """Collective: true on every rank once any rank has received one of the signals."""
         return comm.any_rank(self.received is not None)

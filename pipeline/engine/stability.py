@@ -13,6 +13,7 @@ all-gathered: one rank skipping backward alone leaves ZeRO-2's gradient reductio
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter, deque
 from pathlib import Path
 from statistics import median
@@ -23,6 +24,8 @@ import torch
 
 from pipeline import comm
 from pipeline.config import StabilityConfig
+
+log = logging.getLogger(__name__)
 
 PEER = "peer"  # the reason recorded for a rank whose own batch was fine but was skipped with the others
 BAD_REASONS = ("nan", "spike", "quarantined")
@@ -51,19 +54,26 @@ class BatchGuard:
         self.quarantined = self._read_quarantine()
 
     def _read_quarantine(self) -> set[int]:
-        """Stream windows (the same data whatever the epoch) that an earlier run of this folder found bad."""
+        """Stream windows (the same data whatever the epoch) that an earlier run of this folder found bad.
+
+        A line that is not a complete record (a write cut short by a kill, an edit by hand) is skipped
+        with a warning naming it: failing here would fail every requeue of the job the same way."""
         windows: set[int] = set()
         if not self.path.is_file():
             return windows
-        for number, line in enumerate(self.path.read_text().splitlines(), start=1):
+        bad = []
+        for number, line in enumerate(self.path.read_text(errors="replace").splitlines(), start=1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{self.path}:{number}: not a JSON record ({err.msg})") from None
-            if record.get("reason") in ("nan", "spike"):
-                windows.update(int(w) for w in record["windows"])
+                if record.get("reason") in ("nan", "spike"):
+                    windows.update(int(w) for w in record["windows"])
+            except (ValueError, TypeError, KeyError, AttributeError) as err:
+                bad.append(f"{self.path}:{number} ({type(err).__name__}: {err})")
+        if bad:
+            log.warning("skipped %d malformed quarantine record(s), first: %s", len(bad), bad[0])
+        self.malformed_records = len(bad)
         return windows
 
     def check(self, loss: torch.Tensor, sample_index: torch.Tensor, step: int, attempt: int) -> Optional[str]:

@@ -37,6 +37,17 @@ def _cpu_identity() -> bytes:
     return "\n".join(sorted(set(keep))).encode()
 
 
+def _build_root() -> Path:
+    """Where torch's JIT builds go: TORCH_EXTENSIONS_DIR, else its per-Python cache folder."""
+    import sys
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    return Path(get_default_build_root()) / f"py{sys.version_info.major}{sys.version_info.minor}_cpu"
+
+
 def load(name: str):
     """The compiled extension `name` (from `<name>.cpp` here), or None if it cannot be built."""
     if name in _modules:
@@ -54,8 +65,17 @@ def load(name: str):
             if "-march=native" in flags:
                 key += _cpu_identity()
             digest = hashlib.sha256(key).hexdigest()[:10]
-            module = build(name=f"pipeline_{name}_{digest}", sources=[str(source)], extra_cflags=flags,
-                           verbose=False)
+            # Built from a copy of the source inside the build folder: ninja also rebuilds when the
+            # source's *path* changes, so two checkouts of the same version would rebuild each other's.
+            build_dir = _build_root() / f"pipeline_{name}_{digest}"
+            build_dir.mkdir(parents=True, exist_ok=True)
+            stable = build_dir / f"{name}.cpp"
+            if not stable.is_file() or stable.read_bytes() != source.read_bytes():
+                tmp = build_dir / f".{name}.cpp.{os.getpid()}"
+                tmp.write_bytes(source.read_bytes())
+                os.replace(tmp, stable)  # ranks building at once each write a whole file
+            module = build(name=f"pipeline_{name}_{digest}", sources=[str(stable)], extra_cflags=flags,
+                           build_directory=str(build_dir), verbose=False)
         except Exception as err:  # a missing compiler must not stop training: say so once, run slower
             log.warning("could not build the fused %s kernel (%s); using the tensor-op path instead", name,
                         str(err).splitlines()[0] if str(err) else type(err).__name__)
