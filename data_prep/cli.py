@@ -6,7 +6,7 @@ import sys
 from pipeline.data.manifest import DataError
 
 
-def run_cli(function) -> None:
+def run_cli(function, positional: bool = False) -> None:
     """Run a function as a jsonargparse CLI. A DataError becomes one line on stderr and exit code 2;
     under MPI any error of any rank ends the whole job (`data_prep.mpi.Group.fail`), never a hang."""
     import jsonargparse
@@ -15,7 +15,7 @@ def run_cli(function) -> None:
 
     cli = getattr(jsonargparse, "auto_cli", None) or jsonargparse.CLI
     try:
-        cli(function, as_positional=False)
+        cli(function, as_positional=positional)
     except DataError as err:
         try:
             ranks = group()

@@ -28,6 +28,7 @@ class Progress:
         self._last_send = 0.0
         self._start = self._last_line = time.monotonic()
         self._bar = None
+        self._shown = (-1, -1)
         if enabled and group.is_root and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -74,8 +75,8 @@ class Progress:
             self._bar.set_postfix_str(f"{docs / elapsed:,.0f} docs/s", refresh=False)
             return
         now = time.monotonic()
-        if final or now - self._last_line >= self.interval_s:
-            self._last_line = now
+        if (final and (nbytes, docs) != self._shown) or now - self._last_line >= self.interval_s:
+            self._last_line, self._shown = now, (nbytes, docs)
             rate = nbytes / elapsed
             eta = (self.total - nbytes) / rate if rate > 0 else float("inf")
             print(f"  {self.label}: {nbytes / self.total:5.1%} of {self.total / 1e6:,.1f} MB, {docs:,} docs, "
