@@ -321,7 +321,7 @@ def read_task(task: Task, text_field: str = "text", strict: bool = False) -> Tup
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as err:
-            skipped.add("malformed_json", where, f"invalid JSON ({err.msg} at column {err.colno})", strict)
+            skipped.add("malformed_json", where, f"invalid JSON at column {err.colno} ({err.msg})", strict)
             continue
         if not isinstance(obj, dict) or text_field not in obj:
             skipped.add("missing_text_field", where, f"JSON line has no '{text_field}' field", strict)
