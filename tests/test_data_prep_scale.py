@@ -289,3 +289,18 @@ def test_folders_written_before_the_accounting_still_load(packed_data_dir, tmp_p
     done = subprocess.run([sys.executable, "-m", "data_prep.inspect", str(old), "--png", str(tmp_path / "h.png")],
                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "before per-reason accounting" in done.stdout, done.stderr
+
+
+@needs_mpi
+def test_a_failing_rank_ends_the_job_with_its_message(messy, tmp_path, data_tokenizer):
+    # One rank's own error (--strict meets bad input): that rank's message, exit 2, no hang.
+    done = prep(tmp_path / "a", "--inputs", str(messy), *PREP_ARGS, "--strict", "true", ranks=2, check=False)
+    assert done.returncode == 2, done.stderr
+    assert re.search(r"error: rank [01]: \S+: .*--strict", done.stderr), done.stderr
+    # An error every rank reaches together (nothing to write) is printed once.
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "x.txt").write_text("")
+    done = prep(tmp_path / "b", "--inputs", str(tmp_path / "empty"), "--tokenizer", str(data_tokenizer), ranks=2,
+                check=False)
+    assert done.returncode == 2 and done.stderr.count("error: no document to write") == 1, done.stderr
+    assert "error: rank" not in done.stderr
