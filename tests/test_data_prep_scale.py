@@ -304,3 +304,14 @@ def test_a_failing_rank_ends_the_job_with_its_message(messy, tmp_path, data_toke
                 check=False)
     assert done.returncode == 2 and done.stderr.count("error: no document to write") == 1, done.stderr
     assert "error: rank" not in done.stderr
+
+
+@needs_mpi
+def test_benchmark_runs_and_reports_its_ratio_and_rank_times():
+    done = subprocess.run([sys.executable, "bench/bench_data_prep.py", "--mb", "0.3", "--ranks", "1", "2",
+                           "--repeats", "1", "--vocab_size", "400"], cwd=ROOT, env=env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"ratio \d+\.\d\d \((PASS|FAIL) >= 0\.8\)", done.stdout)
+    assert re.search(r"2 ranks: +\d+\.\d\d s .* output identical", done.stdout)
+    assert "projection to 64 ranks" in done.stdout and "Assumes:" in done.stdout
