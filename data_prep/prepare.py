@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import List, Literal, Optional, Union
 
 if __package__ in (None, ""):  # run as `python data_prep/prepare.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    # the repository root instead of data_prep/, whose inspect.py would shadow the standard library's
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from data_prep.cli import run_cli
 from data_prep.mpi import group as mpi_group

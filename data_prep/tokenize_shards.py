@@ -44,7 +44,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 if __package__ in (None, ""):  # run as `python data_prep/tokenize_shards.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    # the repository root instead of data_prep/, whose inspect.py would shadow the standard library's
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import numpy as np
 import pyarrow as pa

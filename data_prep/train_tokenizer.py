@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Sequence, Union
 
 if __package__ in (None, ""):  # run as `python data_prep/train_tokenizer.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    # the repository root instead of data_prep/, whose inspect.py would shadow the standard library's
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import sentencepiece as spm
 

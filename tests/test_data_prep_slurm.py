@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from launch_env import SlurmCluster, ensure_packages, require_root
+from launch_env import slurm_cluster
 from test_data_prep_scale import PREP_ARGS, folder_bytes, prep, write_messy_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,14 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    require_root("a SLURM cluster (munged, slurmctld, slurmd)")
-    ensure_packages()
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from slurm_cluster(tmp_path_factory.mktemp("slurm"))
 
 
 @pytest.mark.launch
