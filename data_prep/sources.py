@@ -3,7 +3,11 @@
 A `.jsonl` file holds one document per line (a JSON object with a text field), a `.parquet` file one
 document per row (a string column, `text_field`, as most public corpora ship); every other file is one
 document. Work units (`Task`) are fixed by the inputs and `task_bytes` only, never by the number
-of workers, so the output of `tokenize_shards` does not depend on how many workers ran.
+of workers or MPI ranks, so the output of `tokenize_shards` does not depend on how many ran.
+
+Bad input (`SKIP_REASONS`) is skipped and counted in a `Skipped` record with its first locations, or,
+with `strict`, is an error naming the first location. A record is a text file, a non-blank jsonl line,
+a Parquet row or an unreadable file: records read = documents kept + skipped by reason.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import mmap
 import os
 import sys
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -27,6 +31,55 @@ STDLIB_EXCLUDED_DIRS = frozenset({
     "site-packages", "dist-packages", "test", "tests", "idle_test", "idlelib", "__pycache__",
     "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
 })
+
+
+SKIP_REASONS = {
+    "invalid_utf8": "not valid UTF-8",
+    "empty_document": "empty document",
+    "malformed_json": "malformed JSON line",
+    "missing_text_field": "no text in the text field",
+    "unreadable_file": "unreadable file",
+}
+MAX_SKIP_LOCATIONS = 5
+
+
+@dataclass
+class Skipped:
+    """Records skipped by reason, with the first `MAX_SKIP_LOCATIONS` locations of each (in input order
+    when merged in task order); blank jsonl lines are counted apart (they are no record)."""
+
+    counts: Dict[str, int] = field(default_factory=dict)
+    locations: Dict[str, List[str]] = field(default_factory=dict)
+    blank_lines: int = 0
+
+    def add(self, reason: str, where: str, detail: str, strict: bool) -> None:
+        if strict:
+            raise DataError(f"{where}: {detail} (--strict: bad input is an error; without it, it is skipped "
+                            "and counted)")
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        found = self.locations.setdefault(reason, [])
+        if len(found) < MAX_SKIP_LOCATIONS:
+            found.append(f"{where}: {detail}")
+
+    def merge(self, other: "Skipped") -> None:
+        for reason, n in other.counts.items():
+            self.counts[reason] = self.counts.get(reason, 0) + n
+            found = self.locations.setdefault(reason, [])
+            found += other.locations.get(reason, [])[:MAX_SKIP_LOCATIONS - len(found)]
+        self.blank_lines += other.blank_lines
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def to_dict(self) -> Dict:
+        return {"counts": dict(sorted(self.counts.items())), "locations": dict(sorted(self.locations.items())),
+                "blank_lines": self.blank_lines}
+
+    @classmethod
+    def from_dict(cls, d: Dict) -> "Skipped":
+        return cls(counts=dict(d["counts"]), locations={k: list(v) for k, v in d["locations"].items()},
+                   blank_lines=int(d["blank_lines"]))
 
 
 @dataclass(frozen=True)
@@ -57,6 +110,8 @@ class Task:
     first_line: int = 1
     """Line number of the byte at `start` (kind `jsonl`)."""
     nbytes: int = 0
+    error: str = ""
+    """Why the file could not be read while planning (kind `unreadable`): one skipped record."""
 
 
 def _kind(path: str) -> str:
@@ -73,9 +128,16 @@ def _parquet_file(path: str):
         raise DataError(f"{path}: not a readable Parquet file ({err})") from None
 
 
+def _unreadable(f: InputFile, index: int, error: str) -> Task:
+    return Task(index=index, kind="unreadable", path=f.path, name=f.name, nbytes=f.size, error=error)
+
+
 def _parquet_tasks(f: InputFile, task_bytes: int, first_index: int) -> List[Task]:
     """Consecutive row groups of about `task_bytes` (uncompressed) per task."""
-    meta = _parquet_file(f.path).metadata
+    try:
+        meta = _parquet_file(f.path).metadata
+    except DataError as err:
+        return [_unreadable(f, first_index, str(err).split(": ", 1)[-1])]
     tasks: List[Task] = []
     start = row = rows = nbytes = 0
     for group in range(meta.num_row_groups):
@@ -182,7 +244,12 @@ def plan_tasks(files: Sequence[InputFile], task_bytes: int = 1 << 20) -> List[Ta
         size = os.path.getsize(f.path)
         if size == 0:
             continue
-        with open(f.path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        try:
+            handle = open(f.path, "rb")
+        except OSError as err:
+            tasks.append(_unreadable(f, len(tasks), f"cannot read ({err.strerror})"))
+            continue
+        with handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             start, line = 0, 1
             while start < size:
                 end = min(start + task_bytes, size)
@@ -197,35 +264,46 @@ def plan_tasks(files: Sequence[InputFile], task_bytes: int = 1 << 20) -> List[Ta
     return tasks
 
 
-def _decode(data: bytes, where: str, line_base: int = 1) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = line_base + data.count(b"\n", 0, err.start)
-        raise DataError(f"{where}:{line}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+def _utf8_error(data: bytes, err: UnicodeDecodeError, line_base: int = 1) -> Tuple[int, str]:
+    line = line_base + data.count(b"\n", 0, err.start)
+    return line, f"not valid UTF-8 ({err.reason} at byte {err.start})"
 
 
-def read_task(task: Task, text_field: str = "text") -> Tuple[List[Tuple[str, str]], int]:
-    """The task's documents as (doc_id, text), and the number of blank jsonl lines skipped."""
+def read_task(task: Task, text_field: str = "text", strict: bool = False) -> Tuple[List[Tuple[str, str]], Skipped]:
+    """The task's non-empty, valid documents as (doc_id, text), and what was skipped (see module doc)."""
     docs: List[Tuple[str, str]] = []
+    skipped = Skipped()
+    if task.kind == "unreadable":
+        skipped.add("unreadable_file", task.path, task.error, strict)
+        return docs, skipped
     if task.kind == "text":
         for path, name in task.files:
             try:
                 with open(path, "rb") as handle:
                     data = handle.read()
             except OSError as err:
-                raise DataError(f"{path}: cannot read ({err.strerror})") from None
-            docs.append((name, _decode(data, path)))
-        return docs, 0
+                skipped.add("unreadable_file", path, f"cannot read ({err.strerror})", strict)
+                continue
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as err:
+                line, detail = _utf8_error(data, err)
+                skipped.add("invalid_utf8", f"{path}:{line}", detail, strict)
+                continue
+            if text:
+                docs.append((name, text))
+            else:
+                skipped.add("empty_document", path, "empty document", strict)
+        return docs, skipped
     if task.kind == "parquet":
-        return _read_parquet(task, text_field), 0
+        return _read_parquet(task, text_field, strict)
     try:
         with open(task.path, "rb") as handle:
             handle.seek(task.start)
             data = handle.read(task.end - task.start)
     except OSError as err:
-        raise DataError(f"{task.path}: cannot read ({err.strerror})") from None
-    blank = 0
+        skipped.add("unreadable_file", task.path, f"cannot read ({err.strerror})", strict)
+        return docs, skipped
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
@@ -233,25 +311,36 @@ def read_task(task: Task, text_field: str = "text") -> Tuple[List[Tuple[str, str
         lineno = task.first_line + offset
         where = f"{task.path}:{lineno}"
         if not raw.strip():
-            blank += 1
+            skipped.blank_lines += 1
             continue
-        text = _decode(raw, task.path, lineno)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            skipped.add("invalid_utf8", where, _utf8_error(raw, err)[1], strict)
+            continue
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as err:
-            raise DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+            skipped.add("malformed_json", where, f"invalid JSON at column {err.colno} ({err.msg})", strict)
+            continue
         if not isinstance(obj, dict) or text_field not in obj:
-            raise DataError(f"{where}: JSON line has no '{text_field}' field")
+            skipped.add("missing_text_field", where, f"JSON line has no '{text_field}' field", strict)
+            continue
         value = obj[text_field]
         if not isinstance(value, str):
-            raise DataError(f"{where}: field '{text_field}' must be a string, got {type(value).__name__}")
-        docs.append((f"{task.name}:{lineno}", value))
-    return docs, blank
+            skipped.add("missing_text_field", where,
+                        f"field '{text_field}' must be a string, got {type(value).__name__}", strict)
+        elif not value:
+            skipped.add("empty_document", where, "empty document", strict)
+        else:
+            docs.append((f"{task.name}:{lineno}", value))
+    return docs, skipped
 
 
-def _read_parquet(task: Task, text_field: str) -> List[Tuple[str, str]]:
+def _read_parquet(task: Task, text_field: str, strict: bool) -> Tuple[List[Tuple[str, str]], Skipped]:
     import pyarrow as pa
 
+    # A missing or non-text column is a wrong --text_field for the whole file: an error, not a skip.
     parquet = _parquet_file(task.path)
     names = parquet.schema_arrow.names
     if text_field not in names:
@@ -260,20 +349,26 @@ def _read_parquet(task: Task, text_field: str) -> List[Tuple[str, str]]:
     column = parquet.read_row_groups(list(range(task.start, task.end)), columns=[text_field]).column(text_field)
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
         raise DataError(f"{task.path}: column '{text_field}' holds {column.type}, not text")
-    texts = column.to_pylist()
-    if column.null_count:
-        row = task.first_line + texts.index(None)
-        raise DataError(f"{task.path}: row {row} of column '{text_field}' is null ({column.null_count} null rows "
-                        f"in row groups {task.start}-{task.end - 1}); drop or fill them before tokenizing")
-    return [(f"{task.name}:{task.first_line + i}", text) for i, text in enumerate(texts)]
+    docs: List[Tuple[str, str]] = []
+    skipped = Skipped()
+    for i, text in enumerate(column.to_pylist()):
+        row = task.first_line + i
+        if text is None:
+            skipped.add("missing_text_field", f"{task.path}: row {row}", f"column '{text_field}' is null", strict)
+        elif not text:
+            skipped.add("empty_document", f"{task.path}: row {row}", "empty document", strict)
+        else:
+            docs.append((f"{task.name}:{row}", text))
+    return docs, skipped
 
 
-def iter_sentences(tasks: Sequence[Task], text_field: str = "text", max_bytes: int = 0, skip_document=None):
+def iter_sentences(tasks: Sequence[Task], text_field: str = "text", max_bytes: int = 0, skip_document=None,
+                   strict: bool = False):
     """Non-empty lines of the documents (tokenizer training input), stopping after `max_bytes`;
     `skip_document(doc_id, text)` leaves documents out (the validation split)."""
     seen = 0
     for task in tasks:
-        docs, _ = read_task(task, text_field)
+        docs, _ = read_task(task, text_field, strict)
         for doc_id, text in docs:
             if skip_document is not None and skip_document(doc_id, text):
                 continue

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Sequence, Union
 
 if __package__ in (None, ""):  # run as `python data_prep/train_tokenizer.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    # the repository root instead of data_prep/, whose inspect.py would shadow the standard library's
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import sentencepiece as spm
 
@@ -48,14 +49,26 @@ def tokenizer_info(model_path: os.PathLike | str) -> Dict[str, Any]:
     return info
 
 
+def sample_tasks(tasks: Sequence[Task], max_bytes: int) -> List[Task]:
+    """Evenly spaced tasks holding about `max_bytes` (all of them when `max_bytes` is 0 or covers all),
+    in input order: a deterministic sample of the whole input for tokenizer training."""
+    total = sum(t.nbytes for t in tasks)
+    if not max_bytes or total <= max_bytes or len(tasks) <= 1:
+        return list(tasks)
+    n = min(len(tasks), max(1, -(-len(tasks) * max_bytes // total)))
+    picks = sorted({round(i * (len(tasks) - 1) / max(n - 1, 1)) for i in range(n)})
+    return [tasks[i] for i in picks]
+
+
 def train_on_tasks(tasks: Sequence[Task], output: str, vocab_size: int = 8000,
                    model_type: Literal["bpe", "unigram"] = "bpe", character_coverage: float = 1.0,
                    input_sentence_size: int = 1_000_000, max_sentence_length: int = 16384,
                    max_train_bytes: int = 0, seed: int = 0, num_threads: int = 1,
                    split_digits: bool = True, text_field: str = "text", verbose: bool = False,
-                   skip_document=None) -> Dict[str, Any]:
+                   skip_document=None, strict: bool = False) -> Dict[str, Any]:
     """Train on the documents of `tasks` (less those `skip_document(doc_id, text)` rejects); writes
-    `output` (a .model file). Returns the training options."""
+    `output` (a .model file). Returns the training options. With `max_train_bytes`, the documents come
+    from tasks spread evenly over the whole input (`sample_tasks`), not from its first files."""
     if vocab_size < 300:
         raise DataError(f"vocab_size {vocab_size} is too small: 256 byte pieces + 4 special ids + text pieces")
     options = dict(vocab_size=vocab_size, model_type=model_type, character_coverage=character_coverage,
@@ -67,11 +80,27 @@ def train_on_tasks(tasks: Sequence[Task], output: str, vocab_size: int = 8000,
     spm.set_random_generator_seed(seed)
     buffer = io.BytesIO()
     start = time.time()
+    # SentencePiece swallows an exception raised inside the sentence iterator and reports "too little
+    # text" instead; keep the real one (a bad input file, named with its line) and raise that.
+    failure: List[BaseException] = []
+
+    def sentences():
+        try:
+            yield from iter_sentences(sample_tasks(tasks, max_train_bytes), text_field, max_train_bytes,
+                                      skip_document, strict)
+        except Exception as err:
+            failure.append(err)
+            raise
+
     try:
-        spm.SentencePieceTrainer.train(sentence_iterator=iter_sentences(tasks, text_field, max_train_bytes, skip_document),
-                                       model_writer=buffer, minloglevel=0 if verbose else 2, **options)
+        spm.SentencePieceTrainer.train(sentence_iterator=sentences(), model_writer=buffer,
+                                       minloglevel=0 if verbose else 2, **options)
     except RuntimeError as err:
+        if failure:
+            raise failure[0] from None
         raise DataError(f"SentencePiece training failed: {err} (too little text for vocab_size={vocab_size}?)") from None
+    if failure:
+        raise failure[0]
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

@@ -137,6 +137,10 @@ class DataConfig:
     trace_samples: bool = False
     """Append the global sample ids each rank reads to `<out_dir>/samples/rank<R>.jsonl` (one line per
     micro-batch, across restarts): an audit of which samples a run saw."""
+    allow_changed: bool = False
+    """Resume even when the data folder's content (`pipeline.data.manifest.manifest_hash`) differs from the
+    one the checkpoint was trained on (for example after data_prep rewrote it); the sample order then
+    continues over the new data."""
 
     def __post_init__(self) -> None:
         _require(self.sequence_length >= 2, f"data.sequence_length must be at least 2, got {self.sequence_length}")

@@ -427,3 +427,15 @@ class SlurmCluster:
         # slurmstepd and the job's tasks outlive slurmd by design; whatever carries this cluster's
         # SLURM_CONF in its environment is ours.
         kill_processes_with_env(f"SLURM_CONF={self.env['SLURM_CONF']}")
+
+
+def slurm_cluster(root: Path):
+    """A started SlurmCluster for a pytest fixture to yield (root only; skips otherwise), stopped after."""
+    require_root("a SLURM cluster (munged, slurmctld, slurmd)")
+    ensure_packages()
+    cluster = SlurmCluster(root)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

@@ -55,9 +55,9 @@ def test_manifest_counts_checksums_and_tokens(packed_data_dir, data_corpus, data
     written = dict(shard_rows(packed_data_dir, "train") + shard_rows(packed_data_dir, "validation"))
     assert written == expected
     stats = m.extra["stats"]
-    assert stats["empty_documents"] == 1 and stats["documents_seen"] == len(docs)
-    assert stats["empty_document_ids"] == [f"{Path(data_corpus) / 'more.jsonl'}:7"]
-    assert m.split("train").documents + m.split("validation").documents == len(expected)
+    assert stats["empty_documents"] == 1 and stats["documents_read"] == len(docs) + 1
+    assert stats["skipped_at"] == {"empty_document": [f"{Path(data_corpus) / 'more.jsonl'}:7: empty document"]}
+    assert m.split("train").documents + m.split("validation").documents == len(expected) == stats["documents_written"]
 
 
 def test_validation_is_held_out_by_document(packed_data_dir):
@@ -99,19 +99,21 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path, data_tokenizer, line, mess
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n\n' + line + '\n{"text": "also fine"}\n', encoding="utf-8")
     with pytest.raises(DataError, match=re.escape(f"{bad}:3: ") + ".*" + re.escape(message)):
-        tokenize_files(expand_inputs([str(bad)]), str(tmp_path / "out"), str(data_tokenizer), verbose=False)
+        tokenize_files(expand_inputs([str(bad)]), str(tmp_path / "out"), str(data_tokenizer), verbose=False,
+                       strict=True)
 
 
 def test_undecodable_input_names_file_and_line(tmp_path, data_tokenizer):
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(DataError, match=re.escape(f"{bad}:2: not valid UTF-8")):
-        tokenize_files(expand_inputs([str(bad)]), str(tmp_path / "out"), str(data_tokenizer), verbose=False)
+        tokenize_files(expand_inputs([str(bad)]), str(tmp_path / "out"), str(data_tokenizer), verbose=False,
+                       strict=True)
     txt = tmp_path / "bad.txt"
     txt.write_bytes(b"line one\nline two \xff\n")
     with pytest.raises(DataError, match=re.escape(f"{txt}:2: not valid UTF-8")):
         tokenize_files(expand_inputs([str(txt)]), str(tmp_path / "out"), str(data_tokenizer), verbose=False,
-                       num_workers=2)
+                       num_workers=2, strict=True)
 
 
 def test_jsonl_chunks_keep_line_numbers(tmp_path):
@@ -228,9 +230,11 @@ def test_parquet_errors_name_the_file_and_the_row(tmp_path):
         read_task(plan_tasks(expand_inputs([str(bad_column)]))[0])
     nulls = write_parquet(tmp_path / "b.parquet", ["x", "y", None, "z"], row_group_size=2)
     tasks = plan_tasks(expand_inputs([str(nulls)]), task_bytes=1)
-    read_task(tasks[0], text_field="content")
-    with pytest.raises(DataError, match=r"b\.parquet: row 2 of column 'content' is null"):
-        read_task(tasks[1], text_field="content")
+    read_task(tasks[0], text_field="content", strict=True)
+    with pytest.raises(DataError, match=r"b\.parquet: row 2: column 'content' is null"):
+        read_task(tasks[1], text_field="content", strict=True)
+    docs, skipped = read_task(tasks[1], text_field="content")
+    assert [d for d, _ in docs] == [f"{nulls}:3"] and skipped.counts == {"missing_text_field": 1}
     numbers = tmp_path / "c.parquet"
     import pyarrow.parquet as pq
 
@@ -240,4 +244,4 @@ def test_parquet_errors_name_the_file_and_the_row(tmp_path):
     broken = tmp_path / "d.parquet"
     broken.write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match=r"d\.parquet: not a readable Parquet file"):
-        plan_tasks(expand_inputs([str(broken)]))
+        read_task(plan_tasks(expand_inputs([str(broken)]))[0], strict=True)

@@ -285,6 +285,18 @@ class Manifest:
         return path
 
 
+def manifest_hash(manifest: "Manifest | os.PathLike | str") -> str:
+    """Hex sha256 identifying a data folder's content: tokenizer hash, token dtype and every split's
+    ordered shards (file, sha256, rows, tokens). Equal for two runs of data_prep that wrote the same
+    shards (the manifest holds no timestamps); different as soon as any token of any split differs.
+    A checkpoint stores it so that a resume can tell the data changed underneath it."""
+    m = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+    ident = {"tokenizer_sha256": m.tokenizer.sha256, "token_dtype": m.token_dtype,
+             "splits": {name: [[s.file, s.sha256, s.rows, s.tokens] for s in sp.shards]
+                        for name, sp in sorted(m.splits.items())}}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
 def load_manifest(data_dir: os.PathLike | str) -> Manifest:
     """Read and validate `<data_dir>/manifest.json` (a path to the JSON file itself also works)."""
     path = Path(data_dir)
