@@ -22,7 +22,7 @@ import torch
 from pipeline import comm
 from pipeline.config import ConfigError
 from pipeline.continual import ContinualRun
-from pipeline.data import DataError, PackedReader
+from pipeline.data import DataError, DataFingerprint, PackedReader
 from pipeline.engine.checkpoint import (BEST_TAG, BestCheckpoint, CheckpointError, Checkpointer, ClientState,
                                         RunConfigRecord)
 from pipeline.engine.evaluation import evaluate, lm_loss
@@ -110,6 +110,8 @@ def main(argv=None) -> int:
     states.register("guard", guard)
     states.register("scale_watch", scale_watch)
     states.register("run_config", run_config)
+    if continual is None:  # a resume onto data that data_prep rewrote is refused (checkpoints from before: no check)
+        states.register("data", DataFingerprint(cfg.data.data_dir, cfg.data.allow_changed), optional=True)
     best = BestCheckpoint()
     states.register("best", best, optional=True)  # checkpoints from before `best` existed still resume
     if continual is not None:  # the schedule, replay buffer, EWC and task matrix

@@ -9,6 +9,7 @@
 set -uo pipefail
 
 PREEMPTED=75  # launch/train.py's exit code after a preemption checkpoint (pipeline/engine/preemption.py)
+LOST_PEER=76  # a rank lost its peers mid-collective (pipeline/comm.py): no checkpoint, but transient
 
 cd "${SLURM_SUBMIT_DIR:-.}"
 if [ -z "${PYTHON:-}" ]; then
@@ -60,5 +61,9 @@ if [ "$rc" -eq "$PREEMPTED" ]; then
   scontrol requeue "$SLURM_JOB_ID" ||
     echo "job ${SLURM_JOB_ID}: scontrol requeue failed (submitted with --requeue? cancelled by scancel?);" \
          "resubmit the same script to resume" >&2
+elif [ "$rc" -eq "$LOST_PEER" ]; then
+  echo "job ${SLURM_JOB_ID}: a rank lost contact with its peers (a killed rank or a failed node); requeueing to" \
+       "resume from the last checkpoint, $(date '+%F %T')"
+  scontrol requeue "$SLURM_JOB_ID" || echo "job ${SLURM_JOB_ID}: scontrol requeue failed; resubmit to resume" >&2
 fi
 exit "$rc"
