@@ -137,6 +137,48 @@ def test_lr_rewarms_at_every_task_and_never_starts_at_zero(languages):
     assert "lr_lambdas" not in scheduler.state_dict() or scheduler.state_dict()["lr_lambdas"] == [None]
 
 
+def test_the_lr_follows_task_boundaries_through_steps_the_fp16_scaler_skipped(languages):
+    """DeepSpeed steps its scheduler only for applied updates; tasks switch on global_steps, which counts
+    skipped ones. With overflows at steps 2 and 3, task b must still re-warm from its own first step."""
+    from pipeline.continual.schedule import build_lr_scheduler, keep_lr_on_steps
+
+    a, b = str(languages["alpha"]), str(languages["beta"])
+    tasks = plan(languages, [dict(name="a", data_dir=a, steps=6), dict(name="b", data_dir=b, steps=6, lr=0.005)],
+                 rewarm_steps=3)
+    f = lr_multiplier(tasks, base_lr=0.01, min_lr_ratio=0.1)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    scheduler = build_lr_scheduler(tasks, TrainConfig(lr=0.01, min_lr_ratio=0.1))(optimizer)
+    trained_with = []
+    for step in range(1, 13):  # the update that makes `step`
+        trained_with.append(scheduler.get_last_lr()[0])
+        if step not in (2, 3):  # DeepSpeed: an overflow leaves the scheduler where it was
+            scheduler.step()
+        keep_lr_on_steps(scheduler, step)
+    assert trained_with == pytest.approx([0.01 * f(step - 1) for step in range(1, 13)])
+    assert trained_with[6] == pytest.approx(0.005 / 3), "task b's first update is its re-warm's first"
+
+
+def test_a_new_task_starts_a_new_loss_spike_baseline(tmp_path):
+    from pipeline.config import StabilityConfig
+    from pipeline.engine.stability import BatchGuard
+
+    class Windows:
+        def window_of(self, sample):
+            return sample
+
+        def sample_documents(self, sample):
+            return [f"doc{sample}"]
+
+    guard = BatchGuard(StabilityConfig(skip_loss_spikes=True, spike_window=4, spike_factor=2.0,
+                                       max_consecutive_skips=0), tmp_path, Windows())
+    check = lambda loss, sample: guard.check(torch.tensor(loss), torch.tensor([sample]), 1, 0)
+    for sample in range(4):
+        assert check(1.0, sample) is None
+    assert check(5.0, 4) == "spike", "within a task, a jump is a spike"
+    guard.on_task_start(None)
+    assert [check(5.0, s) for s in range(10, 15)] == [None] * 5, "the new domain's normal loss is not a spike"
+
+
 class Recorder:
     def __init__(self, events):
         self.events = events

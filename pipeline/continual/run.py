@@ -25,7 +25,7 @@ from pipeline.metrics import bits_per_byte
 from .ewc import EWC
 from .matrix import TaskMatrix
 from .replay import ReplayBuffer
-from .schedule import TaskSchedule, build_lr_scheduler, plan_tasks
+from .schedule import TaskSchedule, build_lr_scheduler, keep_lr_on_steps, plan_tasks
 from .stream import TaskStream, validation_summary
 
 log = logging.getLogger("pipeline")
@@ -73,6 +73,7 @@ class ContinualRun:
     def attach(self, engine, guard) -> None:
         """The engine (evaluation, EWC) and the guard's quarantine (never replay or weigh quarantined samples)."""
         self.engine = engine
+        self.schedule.subscribe(guard)  # on_task_start: a new domain's losses are its own spike baseline
         self.stream.attach_quarantine(guard.quarantined)
         self.ewc.attach(engine, lambda sample: bool(guard.quarantined) and
                         self.pool.window_of(sample) in guard.quarantined)
@@ -101,6 +102,7 @@ class ContinualRun:
         return loss + penalty.to(loss.dtype)
 
     def after_step(self, step: int) -> None:
+        keep_lr_on_steps(self.engine.lr_scheduler, step)
         self.stream.end_step()
         self.schedule.after_step(step)
 

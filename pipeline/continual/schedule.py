@@ -138,6 +138,16 @@ def build_lr_scheduler(tasks: Sequence[Task], train: TrainConfig):
     return factory
 
 
+def keep_lr_on_steps(scheduler, step: int) -> None:
+    """Step the LR schedule up to optimizer step `step`, counting steps the fp16 loss scaler skipped.
+
+    DeepSpeed steps its LR scheduler only for applied updates, while tasks switch on `global_steps`,
+    which counts skipped ones too: each overflow would move every later re-warm one step past its
+    task's start. After this call the next update trains at `multiplier(step)` whatever was skipped."""
+    while scheduler is not None and scheduler.last_epoch < step:
+        scheduler.step()
+
+
 class TaskSchedule:
     """The running task and the boundary hook; its state (which hooks ran) is checkpointed."""
 
