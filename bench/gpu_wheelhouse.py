@@ -35,6 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 REQUIREMENTS = ROOT / "bench/gpu_requirements.txt"
 # The lent GPU machine's own versions (docs/GPU_CHECK.md, "The machine"): present, never fetched nor replaced.
 PROVIDED = ("torch==2.11.0", "triton==3.6.0", "numpy==2.5.2")
+# Shipped there too, and needed, but required by nothing in the closure, so neither stubbed nor fetched (40 MB).
+ALSO_SHIPPED = ("pyarrow",)
 SDISTS = ("mamba-ssm==2.3.1", "causal-conv1d==1.6.0")
 DEEPSPEED = re.compile(r"^deepspeed==(\S+)$", re.M)
 
@@ -64,17 +66,20 @@ def target_flags(python_version: str, max_glibc: str) -> list[str]:
     return flags
 
 
-def stub_wheel(folder: Path, pin: str) -> None:
-    """An empty wheel NAME-VERSION+provided that requires nothing: the resolver's stand-in for a package the GPU
-    machine already has."""
+def stub_wheel(folder: Path, pin: str, files: dict | None = None) -> Path:
+    """A wheel NAME-VERSION that requires nothing and holds `files` ({path: text}), none by default: the
+    resolver's stand-in for a package the GPU machine already has (VERSION+provided), or a rehearsal's build."""
     name, version = pin.split("==")
-    version += "+provided"
     dist = f"{name.replace('-', '_')}-{version}"
-    with zipfile.ZipFile(folder / f"{dist}-py3-none-any.whl", "w") as whl:
+    path = folder / f"{dist}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as whl:
+        for member, text in (files or {}).items():
+            whl.writestr(member, text)
         whl.writestr(f"{dist}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
         whl.writestr(f"{dist}.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: gpu_wheelhouse\n"
                                                 "Root-Is-Purelib: true\nTag: py3-none-any\n")
         whl.writestr(f"{dist}.dist-info/RECORD", "")
+    return path
 
 
 def pip(py: str, *args: str, env: dict | None = None) -> None:
@@ -129,7 +134,7 @@ def main(argv=None) -> int:
         stubs = Path(tmp) / "stubs"
         stubs.mkdir()
         for pin in args.provided:
-            stub_wheel(stubs, pin)
+            stub_wheel(stubs, f"{pin}+provided")
         report = Path(tmp) / "report.json"
         pip(py, "install", "-q", "--dry-run", "--ignore-installed", "--report", str(report), *flags,
             "--find-links", str(out), "--find-links", str(stubs), "-r", str(REQUIREMENTS),
