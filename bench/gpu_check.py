@@ -158,20 +158,30 @@ class Check:
 
 
 # ---- processes -------------------------------------------------------------------------------------
+def group_alive(pgid: int) -> bool:
+    """Whether a process of the group is still running (zombies, waiting to be reaped, do not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
 def kill_group(pgid: int) -> None:
     """SIGTERM to the whole group, SIGKILL to what is left 5 s later."""
-    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
+    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
         try:
             os.killpg(pgid, sig)
         except ProcessLookupError:
             return
         end = time.monotonic() + grace
-        while time.monotonic() < end:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.1)
+        while group_alive(pgid) and time.monotonic() < end:
+            time.sleep(0.05)
+        if not group_alive(pgid):
+            return
 
 
 def run(cmd: list[str], log: Path, env: dict | None = None, timeout: float = 600, tick=None) -> int:

@@ -30,32 +30,34 @@ def ctx(tmp_path, monkeypatch):
     return context
 
 
-def gpu_check(*args: str) -> subprocess.CompletedProcess:
+def run_script(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(ROOT / "bench/gpu_check.sh"), *args], capture_output=True, text=True,
                           timeout=120, env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
                                             "PYTHON": sys.executable})
 
 
 def test_dry_run_prints_every_stage_and_exits_0():
-    result = gpu_check("--dry-run")
+    result = run_script("--dry-run")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    for stage in ("install", "drills", "resume", "kernels", "parity", "speed"):
-        assert any(line.startswith(f"gpu_check: would run {stage}:") for line in lines), stage
-    only = gpu_check("--dry-run", "--only", "drills,resume").stdout
-    assert "would run drills" in only and "would run parity" not in only
+    stages = ("install", "kernels", "drills", "resume", "speed", "parity", "speed-mamba")  # the order of value
+    runs = [line.split()[3] for line in lines if line.startswith("gpu_check: would run ")]
+    assert runs == list(stages)
+    assert "deadline 540 s" in result.stdout
+    only = run_script("--dry-run", "--only", "resume,drills").stdout  # the order stays, whatever --only says
+    assert [line.split()[3] for line in only.splitlines() if "would run" in line] == ["drills", "resume"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_without_a_gpu_it_refuses_in_one_line():
-    result = gpu_check("--only", "drills")
+    result = run_script("--only", "drills")
     assert result.returncode == 2
     assert result.stdout.strip().count("\n") == 0 and "no CUDA GPU" in result.stdout
     assert "Traceback" not in result.stderr
 
 
 def test_unknown_stage_is_named():
-    result = gpu_check("--only", "drils", "--dry-run")
+    result = run_script("--only", "drils", "--dry-run")
     assert result.returncode == 2 and "drils" in result.stdout
 
 
