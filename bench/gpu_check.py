@@ -7,10 +7,11 @@
     bash bench/gpu_check.sh --rehearse-on-cpu --deadline 300             # both calls on a CPU (developers)
 
 Stages, in order of value (`--only` picks some; the order stays):
-  install      pip-installs, from --wheelhouse (bench/gpu_wheelhouse.sh), every wheel whose package is missing or
-               older than the wheelhouse's pin (`--no-index --no-deps`; never torch, triton, numpy, nvidia-*); a
-               `--target` folder in --work when the interpreter refuses; then imports every module the pipeline
-               needs and parses a preset through launch/train.py --print_config
+  install      bench/gpu_requirements.txt from --wheelhouse (bench/gpu_wheelhouse.sh) with pip's resolver, offline:
+               what is missing, and upgrades of what is older than required (never torch, triton, numpy); where
+               the interpreter refuses, every wheel missing or older than pinned into a `--target` folder in
+               --work; then imports every module the pipeline needs and parses a preset through
+               launch/train.py --print_config
   kernels      tests/test_kernels.py with the Triton kernels compiled for this GPU (LIF, liquid, diagonal scan;
                fp32, bf16, fp16): values and gradients against the PyTorch path
   drills       launch/train.py with ds_configs/fp16_stable.json: NaN losses on chosen steps and on a random share
@@ -62,6 +63,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+REQUIREMENTS = ROOT / "bench/gpu_requirements.txt"  # what the wheelhouse was resolved from
 PLAN = {
     "install": "install what is missing or older than pinned from --wheelhouse (never torch); import every module "
                "the pipeline needs",
@@ -81,6 +83,7 @@ NEEDS = {"install": 20, "kernels": 60, "drills": 60, "resume": 75, "speed": 90, 
 NEEDS_CPU = {"processes": 10, "install": 20, "kernels": 45, "drills": 60, "resume": 90, "speed": 90,
              "parity": 5, "speed-mamba": 5}
 MAMBA_STAGES = ("parity", "speed-mamba")
+MAMBA_MODULE = "mamba_ssm.ops.selective_scan_interface"  # what pipeline/model/mamba.py imports
 # What the pipeline and the check import beyond the standard library.
 NEEDED = ("torch", "triton", "numpy", "deepspeed", "jsonargparse", "docstring_parser", "typeshed_client",
           "pydantic", "hjson", "yaml", "sentencepiece", "pyarrow", "tqdm", "einops", "msgpack", "cpuinfo", "psutil",
@@ -221,9 +224,17 @@ def alive(pid: int) -> bool:
 
 
 def python(code: str, *args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    """A short probe in the environment the stages see (the --target folder on PYTHONPATH)."""
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT,
-                          env=env or CTX.env, timeout=CTX.budget.cap(timeout), start_new_session=True)
+    """A short probe in the environment the stages see (the --target folder on PYTHONPATH), in its own process
+    group like every stage's subprocess; exit status 124 when the deadline stops it."""
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT, env=env or CTX.env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=CTX.budget.cap(timeout))
+    except subprocess.TimeoutExpired:
+        kill_group(proc.pid)
+        out, err = proc.communicate()
+        return subprocess.CompletedProcess(proc.args, 124, out, err + "\ntimed out (the deadline)")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def stage_processes(ctx: Context, check: Check) -> bool:
@@ -293,18 +304,32 @@ def stage_install(args, ctx: Context, check: Check) -> bool:
         probe = python(VERSIONS, *(f"{n}=={v}" for n, v in map(dist_of, wheels)))
         if probe.returncode != 0:
             return check.record("packages", False, f"could not read the installed versions: {probe.stderr[-300:]}")
-        state = json.loads(probe.stdout)
-        chosen = [p for p in wheels if state[dist_of(p)[0]][1]]
-        upgraded = [f"{n} {state[n][0]} -> {v}" for n, v in map(dist_of, chosen) if state[n][0] is not None]
-        where = pip_install([str(p) for p in chosen], ctx, log) if chosen else "nowhere (all present)"
+        before = json.loads(probe.stdout.strip().splitlines()[-1])
+        # pip's resolver, offline: installs what is missing and upgrades only what does not satisfy a requirement.
+        pip_report = ctx.work / "pip-report.json"
+        pip_report.unlink(missing_ok=True)
+        code = 1 if ctx.rehearsal else run(
+            [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(args.wheelhouse),
+             "--disable-pip-version-check", "--report", str(pip_report), "-r", str(REQUIREMENTS)], log, ctx.env, 300)
+        if code == 0:
+            chosen = [(re.sub(r"[-_.]+", "-", r["metadata"]["name"]).lower(), r["metadata"]["version"])
+                      for r in json.loads(pip_report.read_text())["install"]]
+            where = "the interpreter"
+        else:  # an interpreter that refuses: everything missing or older than pinned into the --target folder
+            picked = [p for p in wheels if before[dist_of(p)[0]][1]]
+            chosen = [dist_of(p) for p in picked]
+            where = pip_install([str(p) for p in picked], ctx, log) if picked else "nowhere (all present)"
+        upgraded = [f"{n} {before[n][0]} -> {v}" for n, v in chosen if before.get(n, [None])[0] is not None]
         ok = check.record("packages", bool(where), (
             f"{len(chosen)} of {len(wheels)} wheels from {args.wheelhouse} installed into {where}"
             + (f"; upgraded {', '.join(upgraded)}" if upgraded else "")) if where else f"pip failed (see {log.name})",
-            installed=[dist_of(p)[0] for p in chosen], upgraded=upgraded)
+            installed=[n for n, _ in chosen], upgraded=upgraded)
     probe = python("import importlib, json, sys\nbad = {}\nfor m in sys.argv[1:]:\n    try:\n"
                    "        importlib.import_module(m)\n    except Exception as e:\n"
                    "        bad[m] = f'{type(e).__name__}: {e}'[:200]\nprint(json.dumps(bad))", *NEEDED, timeout=300)
-    bad = json.loads(probe.stdout) if probe.returncode == 0 else {"(probe)": probe.stderr[-300:]}
+    # The last line: importing deepspeed may print its own lines first.
+    bad = json.loads(probe.stdout.strip().splitlines()[-1]) if probe.returncode == 0 else {
+        "(probe)": probe.stderr[-300:]}
     ok &= check.record("imports", not bad, f"all of {len(NEEDED)} modules import" if not bad else
                        "; ".join(f"{m}: {e}" for m, e in bad.items()))
     # jsonargparse reads the config dataclasses' docstrings and types (docstring-parser, typeshed-client): the
@@ -357,7 +382,7 @@ def build_command(args, ctx: Context) -> tuple[list[str], dict, str]:
     env = dict(ctx.env, MAX_JOBS=str(max(2, (os.cpu_count() or 8) - 4)), MAMBA_FORCE_BUILD="TRUE",
                TORCH_CUDA_ARCH_LIST=f"{arch[:-1]}.{arch[-1]}")
     return ([sys.executable, "-m", "pip", "wheel", "--no-index", "--no-deps", "--no-build-isolation",
-             "--disable-pip-version-check", "-w", str(dist), str(source)], env, "mamba_ssm")
+             "--disable-pip-version-check", "-w", str(dist), str(source)], env, MAMBA_MODULE)
 
 
 def start_background_build(args, ctx: Context, check: Check) -> bool:
@@ -367,7 +392,7 @@ def start_background_build(args, ctx: Context, check: Check) -> bool:
         state = json.loads(state_file.read_text())
         if alive(state["pid"]) or Path(state["rc"]).is_file():
             return check.record("mamba_build", True, f"already started (pid {state['pid']}); not started again")
-    if python(f"import {'mamba_ssm_standin' if ctx.rehearsal else 'mamba_ssm'}").returncode == 0:
+    if python(f"import {'mamba_ssm_standin' if ctx.rehearsal else MAMBA_MODULE}").returncode == 0:
         return check.record("mamba_build", True, "mamba-ssm is importable already: nothing to build")
     cmd, env, module = build_command(args, ctx)
     rc, log = ctx.work / "mamba-build.rc", ctx.logs / "mamba-build.log"
@@ -396,7 +421,7 @@ def stand_in_build(dist: Path, seconds: float) -> int:
 def ensure_mamba(args, ctx: Context, check: Check, stage: str) -> bool | None:
     """True when mamba-ssm is importable (waiting for the background build, or building, within the deadline,
     and installing its wheel); None when the deadline or missing inputs leave it unbuilt; False on failure."""
-    module = "mamba_ssm_standin" if ctx.rehearsal else "mamba_ssm"
+    module = "mamba_ssm_standin" if ctx.rehearsal else MAMBA_MODULE
     if python(f"import {module}").returncode == 0:
         return True
     needs = NEEDS_CPU if ctx.rehearsal else NEEDS
@@ -412,7 +437,7 @@ def ensure_mamba(args, ctx: Context, check: Check, stage: str) -> bool | None:
         waited = time.monotonic() - t
         if not rc.is_file():
             if alive(state["pid"]):
-                check.record("mamba_build", None, f"skipped: deadline: the background build (pid {state['pid']}) was "
+                check.record("mamba_build", None, f"deadline: the background build (pid {state['pid']}) was "
                              f"still running after waiting {waited:.0f} s", waited=round(waited))
                 return None
             return check.record("mamba_build", False, f"the background build (pid {state['pid']}) ended without an "
@@ -427,13 +452,13 @@ def ensure_mamba(args, ctx: Context, check: Check, stage: str) -> bool | None:
         return None
     else:
         if ctx.budget.left() - after < 60:
-            check.record("mamba_build", None, "skipped: deadline: no time left to build mamba-ssm in the foreground")
+            check.record("mamba_build", None, "deadline: no time left to build mamba-ssm in the foreground")
             return None
         cmd, env, module = build_command(args, ctx)
         code = run(cmd, log, env, timeout=ctx.budget.left() - after)
         took = time.monotonic() - t
         if code == 124:
-            check.record("mamba_build", None, f"skipped: deadline: the foreground build was stopped after {took:.0f} s")
+            check.record("mamba_build", None, f"deadline: the foreground build was stopped after {took:.0f} s")
             return None
         if not check.record("mamba_build", code == 0, f"built in the foreground in {took:.0f} s, exit {code}",
                             seconds=round(took)):
@@ -673,7 +698,7 @@ def run_stages(args, ctx: Context, stages: list[str]) -> bool:
         left = ctx.budget.left()
         if left < needs[stage]:
             check.entries["status"] = "skipped: deadline"
-            check.record("deadline", None, f"skipped: deadline: {left:.0f} s left, the stage needs about "
+            check.record("deadline", None, f"deadline: {left:.0f} s left, the stage needs about "
                          f"{needs[stage]} s")
             ok = False
             ctx.save()
@@ -728,12 +753,15 @@ def rehearse(args) -> int:
     expected = ["gpu_check.json", "gpu_check.log", "logs.tgz"]
     layout_ok = all(files == expected for files in layout.values())
     reports = {n: json.loads((args.out / n / "gpu_check.json").read_text()) for n in layout}
-    checks = {f"{n}: {s}.{c}": v["status"] for n, r in reports.items() for s in r.get("stages", [])
-              for c, v in r.get(s, {}).get("checks", {}).items()}
     waited = reports["call2"].get("parity", {}).get("checks", {}).get("mamba_install", {}).get("status") == "ok"
-    print("gpu_check: rehearsal summary:")
-    for name, status in checks.items():
-        print(f"  {name}: {status}")
+    print("gpu_check: rehearsal summary (stage: status, seconds; the checks that did not pass):")
+    for name, report in reports.items():
+        for stage in report.get("stages", []):
+            entry = report.get(stage, {})
+            print(f"  {name} {stage}: {entry.get('status')}" + (f", {entry['seconds']:.0f} s" if "seconds" in entry else ""))
+            for check, value in entry.get("checks", {}).items():
+                if value["status"] != "ok":
+                    print(f"      {check}: {value['status']}: {value['detail'][:150]}")
     print(f"  output layout: {layout} ({'ok' if layout_ok else 'WRONG'})")
     print(f"  background build survived call 1: {'yes' if survived else 'NO'}; call 2 waited for it and installed "
           f"its wheel: {'yes' if waited else 'NO'}")

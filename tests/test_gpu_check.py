@@ -211,7 +211,7 @@ def test_a_stage_that_cannot_finish_in_time_is_skipped_not_started(ctx, monkeypa
     assert not gpu_check.run_stages(args, ctx, ["install", "drills", "resume"])
     assert started == ["install", "drills"]
     assert ctx.report["resume"]["status"] == "skipped: deadline"
-    assert ctx.report["resume"]["checks"]["deadline"]["detail"].startswith("skipped: deadline")
+    assert ctx.report["resume"]["checks"]["deadline"]["detail"].startswith("deadline: ")
     saved = json.loads((ctx.out / "gpu_check.json").read_text())  # written after every stage
     assert saved["drills"]["status"] == "ok" and saved["resume"]["status"] == "skipped: deadline"
 
@@ -247,7 +247,7 @@ def test_waiting_for_the_build_stops_at_the_deadline(ctx, monkeypatch):
         ctx.report["stages"] = ["parity", "speed-mamba"]
         assert gpu_check.ensure_mamba(args, ctx, Check(ctx.report, "parity"), "parity") is None
         check = ctx.report["parity"]["checks"]["mamba_build"]
-        assert check["status"] == "skipped" and check["detail"].startswith("skipped: deadline")
+        assert check["status"] == "skipped" and check["detail"].startswith("deadline: the background build")
         assert alive(pid)  # left running for a later call
     finally:
         gpu_check.kill_group(pid)
@@ -365,3 +365,17 @@ def test_wheelhouse_installs_offline_into_a_fresh_target_and_everything_imports(
                             env=dict(os.environ, PIPELINE_DISABLE_CPP_KERNELS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mamba_backend" in result.stdout
+
+
+def test_the_speed_benchmark_saves_after_every_row(one_thread):
+    """bench/gpu_model_check.py calls save() as each row is measured: what gpu_check.json picks up mid-run."""
+    sys.path.insert(0, str(ROOT))
+    from bench.bench_model import hybrid_config
+    from bench import gpu_model_check
+
+    seen = []
+    res = gpu_model_check.speed(hybrid_config(32, 512, preset="tiny"), [(16, 2), (32, 1), (64, 1)], "cpu", None,
+                                reps=1, warmup=1, rehearsal=True, backends="torch",
+                                save=lambda: seen.append(len(gpu_model_check.RESULTS["speed"]["rows"])))
+    assert len(res["rows"]) == 3 and set(res["step_seconds"]) == {"16", "32", "64"}
+    assert [n for i, n in enumerate(seen) if i == 0 or n != seen[i - 1]] == [0, 1, 2, 3]  # row by row
