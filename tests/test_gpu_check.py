@@ -367,15 +367,27 @@ def test_wheelhouse_installs_offline_into_a_fresh_target_and_everything_imports(
     assert "mamba_backend" in result.stdout
 
 
-def test_the_speed_benchmark_saves_after_every_row(one_thread):
-    """bench/gpu_model_check.py calls save() as each row is measured: what gpu_check.json picks up mid-run."""
+def test_the_speed_benchmark_saves_after_every_row(one_thread, monkeypatch):
+    """bench/gpu_model_check.py calls save() as each row is measured: what gpu_check.json picks up mid-run.
+    (The timings are stubbed: only the order of saving and measuring is under test; test_bench.py times.)"""
     sys.path.insert(0, str(ROOT))
     from bench.bench_model import hybrid_config
     from bench import gpu_model_check
 
-    seen = []
+    seen, measured = [], []
+
+    def time_interleaved(runs, vocab, B, T, *rest):
+        measured.append(T)
+        return {name: [0.01 * T] for name in runs}
+
+    monkeypatch.setattr(gpu_model_check, "time_interleaved", time_interleaved)
+    monkeypatch.setattr(gpu_model_check, "breakdown", lambda *a, **k: {"mamba": 0.5, "other": 0.5, "step": 1.0})
+    monkeypatch.setattr(gpu_model_check.Peak, "measure", lambda self, seconds=0.5: setattr(self, "value", 1e12))
+    monkeypatch.setattr(gpu_model_check, "print_breakdown", lambda *a, **k: None)
     res = gpu_model_check.speed(hybrid_config(32, 512, preset="tiny"), [(16, 2), (32, 1), (64, 1)], "cpu", None,
                                 reps=1, warmup=1, rehearsal=True, backends="torch",
-                                save=lambda: seen.append(len(gpu_model_check.RESULTS["speed"]["rows"])))
+                                save=lambda: seen.append((len(measured), len(gpu_model_check.RESULTS["speed"]["rows"]))))
     assert len(res["rows"]) == 3 and set(res["step_seconds"]) == {"16", "32", "64"}
-    assert [n for i, n in enumerate(seen) if i == 0 or n != seen[i - 1]] == [0, 1, 2, 3]  # row by row
+    # Each point's step times are saved as soon as they are measured, before the next point is timed.
+    assert seen[:3] == [(1, 0), (2, 0), (3, 0)] and seen[-1] == (3, 3)
+    assert [rows for _, rows in seen][3:6] == [1, 2, 3]
