@@ -94,10 +94,12 @@ def parity(width: int, vocab: int, T: int, tol: float) -> bool:
 
 def speed(cfg, points, device="cuda", amp=torch.bfloat16, reps: int = 5, warmup: int = 2, data_dir=None,
           out_dir=None, ds_config: str = "ds_configs/bf16.json", loop_steps: int = 20, threads=None,
-          rehearsal: bool = False) -> dict:
+          rehearsal: bool = False, backends: str = "auto", save=lambda: None) -> dict:
     """The speed table, the targets, the breakdown at the second point and (with data_dir) the loop against
     the bare step; printed, and returned (also as RESULTS["speed"]).  On a CPU (device "cpu", amp None)
-    the same code runs on whatever model it is given: a rehearsal, whose targets are not judged."""
+    the same code runs on whatever model it is given: a rehearsal, whose targets are not judged.
+    backends: "auto" both Mamba paths where mamba-ssm is importable, "torch" or "cuda" one of them (the GPU
+    check measures them in separate calls). save() runs after every measured row, so a crash keeps them."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     name = torch.cuda.get_device_name(device) if cuda else "CPU"
@@ -107,7 +109,10 @@ def speed(cfg, points, device="cuda", amp=torch.bfloat16, reps: int = 5, warmup:
     torch.manual_seed(0)
     hybrid = HybridLM(cfg).to(device)
     base = matched_transformer(cfg, num_params(hybrid)).to(device)
-    backends = (["cuda"] if cuda and cuda_kernels() else []) + ["torch"]
+    backends = {"auto": (["cuda"] if cuda and cuda_kernels() else []) + ["torch"], "torch": ["torch"],
+                "cuda": ["cuda"]}[backends]
+    if "cuda" in backends and not (cuda and cuda_kernels()):
+        raise RuntimeError("--backends cuda: mamba_ssm's kernels are not importable here (or no CUDA device)")
     label = {"cuda": "hybrid mamba-ssm", "torch": "hybrid PyTorch"}
     res = {"device": name, "precision": f"{kind} autocast" if amp else kind, "peak_datasheet": sheet,
            "mamba_ssm_kernels": bool(cuda and cuda_kernels()), "rehearsal": rehearsal,
@@ -127,6 +132,9 @@ def speed(cfg, points, device="cuda", amp=torch.bfloat16, reps: int = 5, warmup:
         steps[T] = time_interleaved({**{b: (hybrid, opt_h, lambda b=b: set_backend(hybrid, b)) for b in backends},
                                      "transformer": (base, opt_t, None)}, cfg.vocab_size, B, T, reps, warmup, amp)
         peak.measure()
+        # Raw step times as they come: a later crash or deadline still leaves them in the JSON.
+        res.setdefault("step_seconds", {})[str(T)] = {"B": B, **steps[T]}
+        save()
     measured = res["peak_measured"] = peak.value
     mfu_peak = sheet or measured
     print(f"peak: {f'{sheet / 1e12:.0f} TFLOP/s {kind} dense, datasheet; ' if sheet else ''}{peak.describe()}")
@@ -152,6 +160,7 @@ def speed(cfg, points, device="cuda", amp=torch.bfloat16, reps: int = 5, warmup:
         for b in backends:
             row[f"ratio_{b}"] = row[f"hybrid_{b}_tok_s"] / row["transformer_tok_s"]
         res["rows"].append(row)
+        save()
         print(f"{T:5d} {B:5d} | " + " | ".join(cells) + " | " + " ".join(f"{row[f'ratio_{b}']:.2f}" for b in backends),
               flush=True)
 
@@ -174,6 +183,7 @@ def speed(cfg, points, device="cuda", amp=torch.bfloat16, reps: int = 5, warmup:
     for t in res["targets"]:
         value = f"{t['value']:.2f}x" if t["name"].startswith("ratio") else f"{t['value']:.1%}"
         print(f"  {t['name']:22} {value:>8}  target {t['target']:34} {'PASS' if t['pass'] else 'FAIL'}", flush=True)
+    save()
 
     set_backend(hybrid, best)
     parts = breakdown(hybrid, opt_h, B_ref, T_ref, reps=reps, amp=amp)
@@ -181,6 +191,7 @@ def speed(cfg, points, device="cuda", amp=torch.bfloat16, reps: int = 5, warmup:
     print_breakdown(parts, f"where one hybrid training step goes ({label[best]}, seq {T_ref} x batch {B_ref}, "
                            f"{res['precision']}; each component forward + backward alone on its captured inputs, "
                            f"in turn with whole steps, median of {reps}, summed over layers):")
+    save()
 
     if data_dir is not None:
         del hybrid, base, opt_h, opt_t
@@ -190,6 +201,7 @@ def speed(cfg, points, device="cuda", amp=torch.bfloat16, reps: int = 5, warmup:
         r = loop_overhead(cfg, B_ref, T_ref, data_dir=Path(data_dir), out_dir=Path(out_dir), ds_config=ds_config,
                           steps=loop_steps, warmup=3, reps=reps, threads=threads, device=str(device), dtype=dtype)
         res["loop"] = r
+        save()
         print_loop(r, f"; the bare step in the engine's precision, {dtype}".replace("torch.", ""))
     return res
 
@@ -215,8 +227,16 @@ def main() -> int:
     p.add_argument("--ds_config", default="ds_configs/bf16.json", help="DeepSpeed JSON of the loop run")
     p.add_argument("--rehearse-on-cpu", action="store_true",
                    help="speed stage on the CPU with the tiny preset's model, fp32, cpu.json (developers)")
-    p.add_argument("--json", default=None, help="write the measured numbers to this file")
+    p.add_argument("--json", default=None, help="write the measured numbers to this file (after every row)")
+    p.add_argument("--backends", choices=("auto", "torch", "cuda"), default="auto",
+                   help="speed: the Mamba paths to time (auto: mamba-ssm where importable, and pure PyTorch)")
     args = p.parse_args()
+
+    def save() -> None:
+        if args.json:  # written whole, then renamed: a reader never sees half a file
+            tmp = Path(args.json + ".tmp")
+            tmp.write_text(json.dumps(RESULTS, indent=2))
+            tmp.replace(args.json)
     if args.rehearse_on_cpu:
         if args.stage != "speed":
             p.error("--rehearse-on-cpu runs the speed stage only")
@@ -244,14 +264,13 @@ def main() -> int:
             torch.set_num_threads(1)
             speed(hybrid_config(32, args.vocab, preset="tiny"), [(32, 4), (64, 2), (128, 1)], "cpu", None,
                   reps=3, warmup=1, data_dir=args.data, out_dir=args.out, ds_config="ds_configs/cpu.json",
-                  loop_steps=10, threads=1, rehearsal=True)
+                  loop_steps=10, threads=1, rehearsal=True, save=save)
         else:
             speed(hybrid_config(args.hidden, args.vocab, args.layers), parse_points(args.points), "cuda",
                   torch.bfloat16, reps=args.reps, data_dir=args.data, out_dir=args.out, ds_config=args.ds_config,
-                  loop_steps=args.loop_steps)
+                  loop_steps=args.loop_steps, backends=args.backends, save=save)
     RESULTS["ok"] = bool(ok)
-    if args.json:
-        Path(args.json).write_text(json.dumps(RESULTS, indent=2))
+    save()
     return 0 if ok else 1
 
 

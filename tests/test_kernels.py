@@ -42,7 +42,9 @@ DEVICES = [
     pytest.param("cuda", marks=pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(),
                                                   reason="needs a CUDA device and compiled kernels")),
 ]
-DTYPES = [torch.float32, torch.bfloat16]
+# fp16 as well: the fp16 drills of the GPU check (bench/gpu_check.py) run these kernels in fp16.
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16"),
+          pytest.param(torch.float16, id="fp16")]
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -51,7 +53,7 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 def tol(dtype: torch.dtype, device: str) -> float:
     """Both sides compute in fp32; half-precision results differ by at most one rounding of the
-    result (2^-8 of it for bf16), and on a GPU Triton's exp/division are the fast approximate ones."""
+    result (2^-8 of it for bf16, 2^-11 for fp16), and on a GPU Triton's exp/division are the fast approximate ones."""
     if dtype != torch.float32:
         return 1e-2
     return 1e-5 if device == "cpu" else 1e-4
