@@ -283,14 +283,12 @@ def _lost_peer_exit(err: BaseException) -> None:
 
     logging.getLogger("train").error("%s", message)
     print(f"error: rank {comm.world()[0]}: {message}", file=sys.stderr, flush=True)
-    for handler in logging.getLogger().handlers:
-        handler.flush()
-    os._exit(comm.LOST_PEER_EXIT_CODE)
+    comm.exit_without_teardown(comm.LOST_PEER_EXIT_CODE)
 
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        code = main()
     except (ConfigError, DataError, CheckpointError, comm.PeerFailed) as err:
         # One sentence naming the file or field, not a traceback from deep inside a library.
         print(f"error: {err}", file=sys.stderr)
@@ -298,3 +296,6 @@ if __name__ == "__main__":
     except RuntimeError as err:
         _lost_peer_exit(err)
         raise
+    if code == PREEMPTED_EXIT_CODE:  # the checkpoint is complete on every rank: out before KillWait ends
+        comm.exit_without_teardown(code)
+    sys.exit(code)

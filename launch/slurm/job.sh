@@ -54,6 +54,7 @@ trap 'on_signal USR1' USR1
 while kill -0 "$srun_pid" 2>/dev/null; do wait "$srun_pid"; done
 wait "$srun_pid"
 rc=$?
+echo "job ${SLURM_JOB_ID}: srun exited with code $rc, $(date '+%F %T')"
 
 if [ "$rc" -eq "$PREEMPTED" ]; then
   echo "job ${SLURM_JOB_ID}: preempted, checkpoint saved; requeueing, $(date '+%F %T')"
