@@ -172,7 +172,7 @@ def write_folder(model, run_config: dict, tokenizer_path: Path, out: Path, dtype
     fields = dict(run_config["model"])
     fields["mamba_backend"] = "auto"  # a model trained with `cuda` must still load where mamba_ssm is absent
     ids = {f"{name}_token_id": i for name, (i, _) in special.items() if name in ("bos", "eos", "pad")}
-    config = getattr(config_module, f"{arch.prefix}Config")(**fields, **ids, dtype=str(DTYPES[dtype]).removeprefix("torch."))
+    config = getattr(config_module, f"{arch.prefix}Config").from_model_fields(fields, **ids, dtype=str(DTYPES[dtype]).removeprefix("torch."))
     config.architectures = [f"{arch.prefix}ForCausalLM"]
     config.auto_map = {"AutoConfig": f"configuration_{arch.stem}.{arch.prefix}Config",
                        "AutoModelForCausalLM": f"modeling_{arch.stem}.{arch.prefix}ForCausalLM"}

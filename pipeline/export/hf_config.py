@@ -26,6 +26,11 @@ class ExportedConfig(PretrainedConfig):
             kwargs.setdefault("max_position_embeddings", self.learned_position_embeddings)
         super().__init__(**kwargs)
 
+    @classmethod
+    def from_model_fields(cls, fields: dict, **kwargs):
+        """From the pipeline's ModelConfig keyword arguments."""
+        return cls(**{RENAMED.get(name, name): value for name, value in fields.items()}, **kwargs)
+
     def model_fields(self) -> dict:
         """The keyword arguments of the pipeline's ModelConfig."""
         return {name: getattr(self, RENAMED.get(name, name)) for name in MODEL_FIELDS}
