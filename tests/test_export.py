@@ -244,9 +244,9 @@ def pipeline_loglikelihood(model, sp, context: str, continuation: str) -> float:
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole, ctx = sp.encode(context + continuation), sp.encode(context)
-    cont = whole[len(ctx):]
-    with torch.no_grad():
-        logp = torch.log_softmax(model(torch.tensor([whole[:-1]]))[0, -len(cont):].double(), dim=-1)
+    cont = whole[len(ctx):]  # where a piece merges across the boundary ("self." + "_name") ctx is no prefix of whole:
+    with torch.no_grad():    # lm-eval scores ctx + cont, and so does this
+        logp = torch.log_softmax(model(torch.tensor([(ctx + cont)[:-1]]))[0, -len(cont):].double(), dim=-1)
     return float(logp.gather(1, torch.tensor(cont).unsqueeze(1)).sum())
 
 
@@ -258,11 +258,8 @@ def test_lm_eval_runs_offline_and_agrees_with_the_pipeline(wandb_run, exported, 
     from pipeline.engine.checkpoint import load_for_inference
 
     out = tmp_path / "lm_eval"
-    # logits_cache=False: lm-eval otherwise reuses one forward for the choices of a context, which assumes the
-    # context's tokens are a prefix of context+choice; a BPE merge across the boundary (`(` + `):`) breaks that
-    # and moves its numbers by ~1e-2, away from any single model's log-likelihood.
     cmd = [str(Path(sys.executable).parent / "lm_eval"), "--model", "hf", "--model_args",
-           f"pretrained={exported},trust_remote_code=True,dtype=float32,logits_cache=False", "--tasks", "pipeline_code_mc,pipeline_code_gen",
+           f"pretrained={exported},trust_remote_code=True,dtype=float32", "--tasks", "pipeline_code_mc,pipeline_code_gen",
            "--include_path", "tests/lm_eval_tasks", "--device", "cpu", "--batch_size", "1", "--log_samples",
            "--output_path", str(out)]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, **OFFLINE))
