@@ -9,7 +9,7 @@ NUM_PROCS ?= 2
 # A free port, so the demo does not collide with another job on this machine (DeepSpeed's default is 29500).
 MASTER_PORT ?= $(shell $(PYTHON) -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 
-.PHONY: setup demo demo-data continual-demo test bench clean
+.PHONY: setup extras demo demo-data continual-demo test bench clean
 
 setup: $(VENV)/.installed
 
@@ -38,7 +38,14 @@ continual-demo: demo-data
 	  --data.data_dir $(DEMO_DATA) --train.out_dir $(CONTINUAL_RUN)
 	@echo "task x task matrix: $(CONTINUAL_RUN)/task_matrix.json (and .csv); heatmap: $(CONTINUAL_RUN)/task_matrix.png"
 
-test: setup
+# Optional packages for the export, lm-eval and W&B (requirements-extras.txt); `make demo` does not need them.
+extras: $(VENV)/.extras
+
+$(VENV)/.extras: $(VENV)/.installed requirements-extras.txt
+	$(PY) -m pip install -q -r requirements-extras.txt
+	touch $@
+
+test: setup extras
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q tests
 
 bench: setup

@@ -131,6 +131,10 @@ def main(argv=None) -> int:
         if run_config.changed:
             log.info("settings changed since that checkpoint: %s", ", ".join(run_config.changed))
     metrics = MetricsSink(run_dir, rank, engine.monitor)
+    if cfg.train.wandb and rank == 0:  # Weights & Biases gets every record too
+        from pipeline.wandb_log import WandbLog
+        metrics.listeners.append(WandbLog(cfg.train.wandb, run_dir, cfg.to_dict(), resumed_from is not None,
+                                          cfg.train.wandb_entity, cfg.train.wandb_name, cfg.train.wandb_tags))
 
     def run_eval(step: int) -> None:
         result = (continual.evaluate_current(step) if continual else
@@ -270,6 +274,8 @@ def main(argv=None) -> int:
         except Exception as err:  # a plotting problem must not fail a finished run
             log.warning("the run report could not be written (%s: %s); retry with python -m pipeline.report %s",
                         type(err).__name__, err, run_dir)
+    for listener in metrics.listeners:
+        listener.finish(run_dir / "report")
     return 0
 
 

@@ -190,6 +190,15 @@ class TrainConfig:
     """Folder for DeepSpeed's TensorBoard monitor, fed with every metrics.jsonl record (needs `tensorboard`)."""
     csv: Optional[str] = None
     """Folder for DeepSpeed's CSV monitor, fed with every metrics.jsonl record."""
+    wandb: Optional[str] = None
+    """Weights & Biases project: log every metrics.jsonl record, the run config and the report's plots there
+    (rank 0; needs `pip install -r requirements-extras.txt`; `WANDB_MODE=offline` keeps it local)."""
+    wandb_entity: Optional[str] = None
+    """W&B entity (user or team) of the project (default: the logged-in user's)."""
+    wandb_name: Optional[str] = None
+    """W&B run name (default: the name of out_dir). A resumed run keeps its W&B run (id in out_dir/wandb_run_id)."""
+    wandb_tags: List[str] = field(default_factory=list)
+    """W&B run tags."""
     report: bool = True
     """Write `<out_dir>/report/report.md` and its plots at the end of training (`python -m pipeline.report`)."""
     seed: int = 1234

@@ -82,6 +82,7 @@ class MetricsSink:
         self.rank = rank
         self.monitor = monitor if monitor is not None and getattr(monitor, "enabled", False) else None
         self.path: Optional[Path] = run_dir / "metrics.jsonl" if rank == 0 else None
+        self.listeners: list = []  # objects with `log(record)` that get every record too (pipeline/wandb_log.py)
 
     def write(self, kind: str, step: int, values: Mapping[str, object]) -> None:
         if self.path is None:
@@ -90,6 +91,8 @@ class MetricsSink:
         record.update({k: _plain(v) for k, v in values.items()})
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        for listener in self.listeners:
+            listener.log(record)
         if self.monitor is not None:
             events = [(f"{kind}/{k}", float(v), step) for k, v in record.items()
                       if k not in ("kind", "step", "time") and isinstance(v, (int, float))]

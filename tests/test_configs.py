@@ -92,3 +92,16 @@ def test_fp16_on_cpu_fails_at_once_with_one_sentence():
     error_lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1
     assert "fp16" in error_lines[0] and "ds_configs/cpu.json" in error_lines[0]
+
+
+def test_lm_eval_task_yamls_name_their_local_data():
+    """The local lm-evaluation-harness tasks (run by tests/test_export.py) read JSONL files that exist."""
+    import yaml
+
+    tasks = sorted((ROOT / "tests" / "lm_eval_tasks").glob("*.yaml"))
+    assert len(tasks) == 2
+    for path in tasks:
+        task = yaml.safe_load(path.read_text())
+        assert task["task"] == path.stem and task["dataset_path"] == "json"
+        data = ROOT / task["dataset_kwargs"]["data_files"]["test"]
+        assert data.is_file() and all(json.loads(line) for line in data.read_text().splitlines())

@@ -554,6 +554,29 @@ class Checkpointer:
         return int(step or 0)
 
 
+def checkpoint_folder(run_dir: str | Path, tag: Optional[str] = None) -> Path:
+    """The checkpoint folder of a run: `tag` is a folder name under `checkpoints/` (`best`, `step00000400`),
+    `stepN` (any number of digits), `latest` or None (DeepSpeed's `latest`)."""
+    checkpoints = Checkpointer(run_dir)
+    if tag in (None, "latest"):
+        tag = checkpoints.latest_tag()
+        if tag is None:
+            raise FileNotFoundError(f"{checkpoints.dir} holds no checkpoint (no `latest` file)")
+    elif not (checkpoints.dir / tag).is_dir() and re.fullmatch(rf"{TAG_PREFIX}\d+", tag):
+        tag = tag_for_step(int(tag[len(TAG_PREFIX):]))
+    folder = checkpoints.dir / tag
+    if not folder.is_dir():
+        known = ", ".join(sorted(p.name for p in checkpoints.dir.iterdir() if p.is_dir())) if checkpoints.dir.is_dir() else "none"
+        raise FileNotFoundError(f"{folder} does not exist (checkpoints there: {known})")
+    return folder
+
+
+def saved_run_config(folder: Path) -> dict:
+    """The run config a checkpoint was written with (RunConfigRecord, in rank 0's module-state file)."""
+    saved = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return saved["run_config"]
+
+
 def load_for_inference(run_dir: str, tag: Optional[str] = None):
     """Rebuild the trained model in fp32 from a run folder, without DeepSpeed's engine.
 
@@ -564,17 +587,12 @@ def load_for_inference(run_dir: str, tag: Optional[str] = None):
     from pipeline.config import ModelConfig
     from pipeline.model import HybridLM
 
-    checkpoints = Checkpointer(run_dir)
-    tag = tag or checkpoints.latest_tag()
-    if tag is None:
-        raise FileNotFoundError(f"{checkpoints.dir} holds no checkpoint (no `latest` file)")
-    model_states = checkpoints.dir / tag / "mp_rank_00_model_states.pt"
-    saved = torch.load(model_states, map_location="cpu", weights_only=False)
-    run_config = saved["run_config"]
-    model_config = ModelConfig(**run_config["model"])
+    folder = checkpoint_folder(run_dir, tag)
+    model_config = ModelConfig(**saved_run_config(folder)["model"])
     model = HybridLM(model_config)
-    # The fp32 master weights live in the ZeRO optimizer partitions; the module copy may be fp16/bf16.
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints.dir), tag=tag)
+    # The fp32 master weights live in the ZeRO optimizer partitions (any number of ranks); the module copy may
+    # be fp16/bf16.
+    state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
     model.load_state_dict(state)
     model.float().eval()
     tokenizer = Path(run_dir) / "tokenizer.model"
