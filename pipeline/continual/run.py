@@ -1,13 +1,4 @@
-"""Wiring of a continual schedule into the trainer: what `launch/train.py` calls, nothing more.
-
-    continual = ContinualRun(cfg, micro_batch, accumulation, rank, world_size, verify, run_dir)
-    train_reader = continual.stream                      # stands in for the PackedReader
-    engine, scheduler = initialize(..., lr_scheduler=continual.lr_scheduler)
-    continual.attach(engine, guard); continual.register(states)
-    continual.begin(metrics)                             # fresh run: matrix row 0, first task starts
-    engine.backward(continual.objective(loss))           # + the EWC penalty
-    continual.after_step(step)                           # replay feed, boundary hooks
-"""
+"""Wiring of a continual schedule into the trainer: what `ContinualCallback` (pipeline/callbacks.py) calls."""
 from __future__ import annotations
 
 import logging
@@ -77,11 +68,10 @@ class ContinualRun:
         self.ewc.attach(engine, lambda sample: bool(guard.quarantined) and
                         self.pool.window_of(sample) in guard.quarantined)
 
-    def register(self, states) -> None:
-        states.register("continual_schedule", self.schedule)
-        states.register("replay_buffer", self.replay)
-        states.register("ewc", self.ewc)
-        states.register("task_matrix", self.matrix)
+    def components(self) -> list:
+        """The checkpointed parts, under their checkpoint keys."""
+        return [("continual_schedule", self.schedule), ("replay_buffer", self.replay), ("ewc", self.ewc),
+                ("task_matrix", self.matrix)]
 
     def begin(self, metrics) -> None:
         """Before the loop. A fresh run evaluates matrix row 0 and starts the first task; a resumed one goes on."""

@@ -37,33 +37,12 @@ from torch import Tensor
 
 from pipeline import comm
 from pipeline.config import PlasticityConfig
+from pipeline.engine.ds_adapter import (fragment_address, get_full_fp32, has_fp32_master, inner_optimizer,  # noqa: F401
+                                        set_full_fp32)
 from pipeline.model.hybrid import HybridBlock
 from pipeline.model.scan import compute_dtype, diag_scan
 
 log = logging.getLogger("pipeline")
-
-
-# ----------------------------------------------------------------------------------------------
-# Full fp32 weights under ZeRO-1/2 (and without DeepSpeed, for tests)
-# ----------------------------------------------------------------------------------------------
-
-def get_full_fp32(param: torch.nn.Parameter) -> Tensor:
-    """The full fp32 master weight: DeepSpeed's accessor under ZeRO (a collective), else a copy of the weight."""
-    if hasattr(param, "_hp_mapping"):
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        return safe_get_full_fp32_param(param)
-    return param.detach().float().clone()
-
-
-def set_full_fp32(param: torch.nn.Parameter, value: Tensor) -> None:
-    """Write `value` into the fp32 master (each rank its own fragment) and into the module weight, so that the two
-    agree at once (the master alone reaches the module only at the next step: a one-step lag)."""
-    if hasattr(param, "_hp_mapping"):
-        from deepspeed.utils import safe_set_full_fp32_param
-
-        safe_set_full_fp32_param(param, value)
-    param.data.copy_(value.to(param.dtype))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,7 +329,7 @@ class MetaPlasticity:
     """
 
     def __init__(self, cfg: PlasticityConfig, engine, model: torch.nn.Module):
-        optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer) if engine is not None else None
+        optimizer = inner_optimizer(engine) if engine is not None else None
         if not isinstance(optimizer, MetaAdamW):
             raise TypeError("plasticity.meta needs the engine built by setup.initialize(..., plasticity=cfg.plasticity), "
                             f"whose optimizer is MetaAdamW; got {type(optimizer).__name__}")
@@ -373,7 +352,7 @@ class MetaPlasticity:
                 names.append(key)
         meta_params = [p for g in opt.param_groups if g.get("meta", 0) > 0 for p in g["params"]]
         params = dict(model.named_parameters())
-        zero = any(hasattr(p, "_hp_mapping") for p in params.values())
+        zero = any(has_fp32_master(p) for p in params.values())
         pad = len(names)  # ZeRO's alignment padding and anything unmapped
         if not zero:
             by_id = {id(p): n for n, p in params.items()}
@@ -383,13 +362,13 @@ class MetaPlasticity:
             # DeepSpeed's fragment map: where each module parameter's slice sits in this rank's flat partition.
             fragments: Dict[int, list] = {id(p): [] for p in meta_params}
             for name, lp in params.items():
-                mapping = getattr(lp, "_hp_mapping", None)
-                if mapping is None:
+                address = fragment_address(lp)
+                if address is None:
                     continue
-                flat = opt.param_groups[mapping.param_group_index]["params"][0]
+                group, start, numel = address
+                flat = opt.param_groups[group]["params"][0]
                 if id(flat) in fragments:
-                    address = mapping.hp_fragment_address
-                    fragments[id(flat)].append((address.start, address.numel, bucket[_module_of(name)]))
+                    fragments[id(flat)].append((start, numel, bucket[_module_of(name)]))
             for p in meta_params:
                 lengths, buckets, at = [], [], 0
                 for start, numel, b in sorted(fragments[id(p)]):
@@ -458,7 +437,7 @@ class Plasticity:
 
         engine, scheduler = initialize(model, ds_config, cfg.train, ..., plasticity=cfg.plasticity)  # MetaAdamW
         plasticity = Plasticity(cfg.plasticity, engine, model)
-        plasticity.register(states)                 # checkpoint state
+        states: plasticity.states()                 # checkpoint state
         continual.schedule.subscribe(plasticity)    # on_task_start: the metaplastic reference is retaken
         plasticity.accept_micro_batch()             # after engine.backward: this micro-batch's STDP terms count
         plasticity.after_step()                     # after the boundary step: STDP, if the step was applied
@@ -469,11 +448,10 @@ class Plasticity:
         self.stdp = STDP(cfg, model, engine) if cfg.stdp != "none" else None
         self.meta = MetaPlasticity(cfg, engine, model) if cfg.meta else None
 
-    def register(self, states) -> None:
-        if self.stdp is not None:
-            states.register("stdp", self.stdp)
-        if self.meta is not None:
-            states.register("meta_plasticity", self.meta)
+    def states(self) -> list:
+        """(checkpoint key, component, optional) of the mechanisms that are on."""
+        return [(name, part, False) for name, part in (("stdp", self.stdp), ("meta_plasticity", self.meta))
+                if part is not None]
 
     def on_task_start(self, task) -> None:
         if self.meta is not None:

@@ -64,12 +64,13 @@ def check_precision_supported(ds_config: dict, config_path: str, allow_cpu_fp16:
     """Fail at once, in one sentence, where DeepSpeed would fail deep inside initialize()."""
     from deepspeed.accelerator import get_accelerator
 
+    from pipeline.engine.ds_adapter import allow_fp16_on_cpu, check_version
+
+    check_version()
     accelerator = get_accelerator()
     precision = precision_of(ds_config)
     if precision == "fp16" and allow_cpu_fp16 and accelerator.device_name() == "cpu":
-        # DeepSpeed's ZeRO-2 fp16 optimizer and loss scaler run on CPU once the accelerator
-        # admits fp16; the fp16 arithmetic itself is emulated (slow), which is fine for drills.
-        accelerator.is_fp16_supported = lambda: True
+        allow_fp16_on_cpu(accelerator)
     if precision == "fp16" and not accelerator.is_fp16_supported():
         raise DeepSpeedConfigError(
             f"{config_path} trains in fp16, which the {accelerator.device_name()} accelerator here does not support: "
