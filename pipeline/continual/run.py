@@ -11,12 +11,13 @@ import torch
 from pipeline.config import ConfigError
 from pipeline.data.blend import SourcePool
 from pipeline.engine.evaluation import evaluate
+from pipeline.engine.lr import build_lr_scheduler
 from pipeline.metrics import bits_per_byte
 
 from .ewc import EWC
 from .matrix import TaskMatrix
 from .replay import ReplayBuffer
-from .schedule import TaskSchedule, build_lr_scheduler, plan_tasks
+from .schedule import TaskSchedule, plan_tasks
 from .stream import TaskStream, validation_summary
 
 log = logging.getLogger("pipeline")
@@ -47,7 +48,7 @@ class ContinualRun:
                        self.stream.fisher_batches, len(self.tasks))
         self.matrix = TaskMatrix([t.name for t in self.tasks], run_dir, rank,
                                  lambda j: self.evaluate_task(j, self.cfg.eval_batches))
-        self.lr_scheduler = build_lr_scheduler(self.tasks, cfg.train)
+        self.lr_scheduler = build_lr_scheduler(cfg.train, self.tasks)
         self.engine = None
         self._penalty_sum, self._penalty_count = 0.0, 0
         # The task-boundary hook's subscribers, in the order they run: the matrix sees the weights the task

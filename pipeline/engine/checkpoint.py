@@ -409,11 +409,6 @@ class Checkpointer:
             path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {load_dir / tag}")
-        scheduler = getattr(engine, "lr_scheduler", None)
-        if hasattr(scheduler, "last_batch_iteration"):
-            # DeepSpeed's schedulers restore their iteration but not `get_last_lr()`, which would report
-            # the LR of step 1 for the first resumed step; stepping to the same iteration re-derives both.
-            scheduler.step(scheduler.last_batch_iteration)
         self.states.load_state_dict(client_state or {}, source=str(folder))
         rng_file = folder / RNG_FILE.format(rank=engine.global_rank)
         if rng_file.is_file():

@@ -81,34 +81,15 @@ def check_precision_supported(ds_config: dict, config_path: str, allow_cpu_fp16:
             "use ds_configs/fp16_stable.json (GPUs before Ampere) or ds_configs/cpu.json instead.")
 
 
-def build_lr_scheduler(train: TrainConfig):
-    """Linear warmup from lr/warmup_steps, then cosine decay to lr*min_lr_ratio (DeepSpeed's WarmupCosineLR).
-
-    Returned as a factory: DeepSpeed calls it with its own wrapped optimizer.
-    """
-    from deepspeed.runtime.lr_schedules import WarmupCosineLR
-
-    warmup = max(1, train.warmup_steps)
-
-    def factory(optimizer):
-        scheduler = WarmupCosineLR(optimizer, total_num_steps=train.max_steps,
-                                   warmup_min_ratio=1.0 / warmup if train.warmup_steps > 0 else 1.0,
-                                   warmup_num_steps=warmup, cos_min_ratio=train.min_lr_ratio,
-                                   warmup_type="linear")
-        # WarmupCosineLR starts at iteration -1, i.e. ratio 0, and the engine steps it only after
-        # the first optimizer step: left alone the first step would train at LR 0 (the old trainer's bug).
-        scheduler.step(0)
-        return scheduler
-
-    return factory
-
-
 def initialize(model: torch.nn.Module, ds_config: dict, train: TrainConfig, lr_scheduler=None, plasticity=None):
     """`deepspeed.initialize` with AdamW over the model's own parameter groups.
 
-    `lr_scheduler`: a factory of another LR schedule (a continual schedule's per-task one); default WarmupCosineLR.
+    `lr_scheduler`: a factory of another LR schedule (a continual schedule's per-task one); default the plain run's
+    (pipeline/engine/lr.py).
     `plasticity`: a PlasticityConfig; with `meta` on, the optimizer is `MetaAdamW` (pipeline/engine/plasticity.py)."""
     import deepspeed
+
+    from pipeline.engine.lr import build_lr_scheduler
 
     groups = model.parameter_groups(train.weight_decay) if hasattr(model, "parameter_groups") else model.parameters()
     # torch's AdamW is on ZeRO's list of supported optimizers; DeepSpeed's fused/CPU Adam would need a
