@@ -32,7 +32,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -49,7 +48,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from pipeline.comm import free_port  # noqa: E402
 from pipeline.config import ModelConfig  # noqa: E402
+from pipeline.metrics import read_metrics  # noqa: E402
 from pipeline.flops import measure_peak_flops, model_flops_per_token  # noqa: E402
 from pipeline.model import HybridLM  # noqa: E402
 from pipeline.model.hybrid import HybridBlock  # noqa: E402
@@ -350,12 +351,6 @@ def print_breakdown(parts: Dict[str, float], title: str) -> None:
 # The training loop against the bare step
 # ----------------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def prepare_data(data_dir: Path, vocab_size: int = 4000, log: Optional[Path] = None) -> Path:
     """A tokenized corpus (the Python standard library's sources) for the loop run, built once."""
     if not (data_dir / "manifest.json").is_file():
@@ -374,8 +369,7 @@ def steady_intervals(metrics: Path, warmup: int) -> Tuple[List[float], List[floa
 
     The wall clock between records counts everything the loop does per step (engine, guard, logging,
     metrics); evaluation and checkpoints come only after the last record, so they fall outside."""
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    train = sorted((r for r in rows if r["kind"] == "train"), key=lambda r: r["step"])
+    train = sorted(read_metrics(metrics.parent, "train"), key=lambda r: r["step"])
     kept = [(a, b) for a, b in zip(train, train[1:]) if b["step"] == a["step"] + 1 and b["step"] > warmup]
     return [b["time"] - a["time"] for a, b in kept], [b["tokens_per_s"] for a, b in kept]
 

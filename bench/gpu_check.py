@@ -35,7 +35,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -206,12 +205,6 @@ def importable_with(module: str, env: dict) -> bool:
 
 
 # ---- training drills through launch/train.py ---------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def prepare_data(out: Path, env: dict) -> Path:
     data = out / "data"
     if not (data / "manifest.json").is_file():
@@ -232,6 +225,9 @@ def train(out: Path, name: str, data: Path, env: dict, *extra: str, ds_config: s
     if fresh:
         shutil.rmtree(run_dir, ignore_errors=True)
     preset = "launch/presets/tiny.yaml" if REHEARSAL else "launch/presets/small.yaml"
+    sys.path.insert(0, str(ROOT))
+    from pipeline.comm import free_port  # after the install stage: the pipeline's imports are there
+
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
            str(ROOT / "launch/train.py"), "--deepspeed_config", str(ROOT / ds_config),
            "--config", str(ROOT / preset), "--model.vocab_size", "2000",

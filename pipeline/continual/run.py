@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -12,7 +11,7 @@ from pipeline.config import ConfigError
 from pipeline.data.blend import SourcePool
 from pipeline.engine.evaluation import evaluate
 from pipeline.engine.lr import build_lr_scheduler
-from pipeline.metrics import bits_per_byte
+from pipeline.metrics import bits_per_byte, perplexity
 
 from .ewc import EWC
 from .matrix import TaskMatrix
@@ -121,7 +120,7 @@ class ContinualRun:
                 totals["bpb"] += weight * bits_per_byte(result["loss"], reader.num_tokens, text_bytes)
             else:
                 totals["bpb"] = None
-        totals["perplexity"] = math.exp(min(totals["loss"], 50.0))
+        totals["perplexity"] = perplexity(totals["loss"])
         if totals["bpb"] is None:
             del totals["bpb"]
         return totals

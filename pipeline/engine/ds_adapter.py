@@ -49,7 +49,7 @@ class LossScaler:
         return int(self._s.cur_hysteresis)
 
     @property
-    def min_scale(self) -> float:
+    def minimum(self) -> float:
         return self._s.min_scale
 
     def at_minimum(self, scale_before: float, hysteresis_before: int) -> bool:

@@ -188,7 +188,7 @@ class LossScaleWatch:
             event.update(scale_before=scale_before, scale_after=scaler.scale, hysteresis_left=scaler.hysteresis)
             if scaler.at_minimum(scale_before, hysteresis_before) and self.cfg.exit_at_min_loss_scale:
                 raise RunAborted(f"fp16 gradients overflowed at step {step} while the loss scale was already at its "
-                                 f"minimum ({scaler.min_scale}): the run cannot make progress in fp16. A checkpoint "
+                                 f"minimum ({scaler.minimum}): the run cannot make progress in fp16. A checkpoint "
                                  "was saved; resume it with ds_configs/bf16.json, a lower train.lr, or "
                                  "--stability.reset_loss_scale true.")
         return event
