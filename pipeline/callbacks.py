@@ -25,8 +25,10 @@ def default_callbacks(trainer) -> list:
         continual.run.attach(trainer.engine, stability.guard)
         continual.run.schedule.subscribe(_Broadcast(trainer, continual))
         callbacks.append(continual)
-    if cfg.plasticity.enabled:
-        callbacks.append(PlasticityCallback(trainer))
+    if cfg.plasticity.enabled:  # STDP and metaplasticity beside backprop
+        from pipeline.plasticity import Plasticity
+
+        callbacks.append(Plasticity(cfg.plasticity, trainer.engine, trainer.model))
     callbacks += [Schedule(trainer), getattr(trainer, "preemption", None) or PreemptionCallback([])]
     return callbacks
 
@@ -202,30 +204,6 @@ class _Broadcast:
         for callback in self.trainer.callbacks:
             if callback is not self.source:
                 callback.on_task_end(task)
-
-
-class PlasticityCallback(Callback):
-    """STDP on the spiking input weights and metaplasticity, beside backprop (pipeline/engine/plasticity.py)."""
-
-    def __init__(self, trainer):
-        from pipeline.engine.plasticity import Plasticity
-
-        self.plasticity = Plasticity(trainer.cfg.plasticity, trainer.engine, trainer.model)
-
-    def states(self) -> list:
-        return self.plasticity.states()
-
-    def on_micro_batch(self, loss) -> None:
-        self.plasticity.accept_micro_batch()  # this micro-batch's spikes count toward the step's STDP
-
-    def on_step_end(self, step: int, applied: bool) -> None:
-        self.plasticity.after_step()  # STDP on the fp32 masters, only if the optimizer step was applied
-
-    def train_record(self, step: int) -> dict:
-        return self.plasticity.train_record()  # per layer: plastic update / optimizer update (collective)
-
-    def on_task_start(self, task) -> None:
-        self.plasticity.on_task_start(task)  # the metaplastic reference is retaken
 
 
 class Schedule(Callback):

@@ -247,19 +247,28 @@ class Trainer:
         return result
 
     # ---- the loop, and its one exit path
-    def fit(self) -> int:
-        """Train to train.max_steps (or a stop); return the process exit code."""
+    def begin(self) -> None:
+        """The resume (if not done yet), then on_fit_start."""
         if self.metrics is None:
             self.resume()
-        step, reason, code = self.engine.global_steps, "end", 0
         self._each("on_fit_start", self)
+
+    def run_step(self) -> int:
+        """One step of fit()'s loop without its evaluation and checkpoint: train_step, then on_step_done."""
+        step = self.train_step()
+        self._each("on_step_done", step)
+        return step
+
+    def fit(self) -> int:
+        """Train to train.max_steps (or a stop); return the process exit code."""
+        self.begin()
+        step, reason, code = self.engine.global_steps, "end", 0
         if step == 0:
             self.evaluate(0)
         try:
             while step < self.cfg.train.max_steps:
-                step = self.train_step()
+                step = self.run_step()
                 last = step == self.cfg.train.max_steps
-                self._each("on_step_done", step)
                 if any(self._each("should_interrupt", step)) and not last:
                     reason, code = "preempted", PREEMPTED_EXIT_CODE
                     break

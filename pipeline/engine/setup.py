@@ -86,7 +86,7 @@ def initialize(model: torch.nn.Module, ds_config: dict, train: TrainConfig, lr_s
 
     `lr_scheduler`: a factory of another LR schedule (a continual schedule's per-task one); default the plain run's
     (pipeline/engine/lr.py).
-    `plasticity`: a PlasticityConfig; with `meta` on, the optimizer is `MetaAdamW` (pipeline/engine/plasticity.py)."""
+    `plasticity`: a PlasticityConfig; with `meta` on, the optimizer is `MetaAdamW` (pipeline/plasticity/meta.py)."""
     import deepspeed
 
     from pipeline.engine.lr import build_lr_scheduler
@@ -96,7 +96,7 @@ def initialize(model: torch.nn.Module, ds_config: dict, train: TrainConfig, lr_s
     # compiled op per machine, and the optimizer is never the bottleneck at this model size.
     optimizer_class = torch.optim.AdamW
     if plasticity is not None and plasticity.meta:
-        from pipeline.engine.plasticity import MetaAdamW, metaplastic_groups
+        from pipeline.plasticity.meta import MetaAdamW, metaplastic_groups
 
         # Metaplasticity scales the update inside the optimizer (matrices only: 1-D parameters get meta=0).
         # ZeRO refuses optimizer classes off its list unless told otherwise; recorded in the run's ds_config.json.

@@ -1,12 +1,18 @@
-"""Small fused CPU kernels, compiled on first use with the machine's C++ compiler (cached afterwards).
+"""Which implementation serves each recurrence on each device, and the kernels themselves.
 
-DeepSpeed already needs that compiler on CPU machines (it JIT-builds its shared-memory comm op), so
-this adds no new requirement; if the build fails anyway, callers fall back to tensor ops with one
-warning, never silently.
+DISPATCH below is the one table; the model modules ask `use_triton(x)` and the `*_cpu()` loaders, nothing else.
+PIPELINE_REFERENCE_KERNELS=1 forces the tensor-op reference path everywhere (no Triton, no C++ build, no
+mamba-ssm); the narrower PIPELINE_DISABLE_TRITON=1 / PIPELINE_DISABLE_CPP_KERNELS=1 turn off one family.
+
+The C++ kernels are compiled on first use with the machine's C++ compiler, once per machine and source version
+(cached under torch's extension folder; the first run logs what it builds). DeepSpeed already needs that compiler
+on CPU machines (it JIT-builds its shared-memory comm op), so this adds no new requirement; if the build fails
+anyway, callers fall back to tensor ops with one warning, never silently.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -17,6 +23,56 @@ import torch
 log = logging.getLogger(__name__)
 _HERE = Path(__file__).resolve().parent
 _modules: dict = {}
+
+# recurrence -> {device: implementation (why)}; "reference" is what every device falls back to.
+DISPATCH = {
+    "diagonal scan h_t = a_t h_(t-1) + b_t (liquid scan backbone, LIF membrane, STDP traces)": {
+        "cuda": "Triton triton_scan.py (one launch per direction; a blocked scan is many small launches)",
+        "cpu": "C++ diag_scan.cpp (one fused pass each way, vectorised for this CPU)",
+        "reference": "tensor ops: scan.py's blocked scan (chunked cumulative products)"},
+    "liquid CfC cell (gates, decays, scan, tau metrics)": {
+        "cuda": "Triton triton_liquid.py (everything per step in one kernel)",
+        "cpu": "tensor ops, its scan through the diagonal scan above",
+        "reference": "tensor ops"},
+    "LIF neurons (membrane, threshold, reset, surrogate backward)": {
+        "cuda": "Triton triton_lif.py (the reset makes the recurrence nonlinear: one sequential kernel)",
+        "cpu": "C++ lif_sweep.cpp for hard spikes in fp32/fp64, else tensor ops",
+        "reference": "tensor ops: spiking.py's chunked scan with a reset pass"},
+    "Mamba selective scan": {
+        "cuda": "mamba-ssm's selective_scan_fn when importable (model.mamba_backend auto/cuda)",
+        "cpu": "C++ selective_scan.cpp (the state never leaves the cache)",
+        "reference": "tensor ops: scan.py's chunked selective scan"},
+    "RMSNorm": {
+        "cuda": "tensor ops (fused by the GPU's elementwise kernels well enough)",
+        "cpu": "C++ rms_norm.cpp (one pass per row each way)",
+        "reference": "tensor ops"},
+}
+
+
+def reference_forced() -> bool:
+    return os.environ.get("PIPELINE_REFERENCE_KERNELS", "0") == "1"
+
+
+_TRITON_INSTALLED: list = []
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether the model's recurrences on x run as the fused Triton kernels (kernels/triton_*.py):
+    CUDA tensors in fp32 or half precision, with triton installed, unless switched off (module docstring).
+    Only CUDA tensors get past the first test, so a CPU run never looks for (or imports) triton."""
+    if (not x.is_cuda or x.dtype == torch.float64 or os.environ.get("PIPELINE_DISABLE_TRITON", "0") == "1"
+            or reference_forced()):
+        return False
+    if not _TRITON_INSTALLED:
+        _TRITON_INSTALLED.append(importlib.util.find_spec("triton") is not None)
+    return _TRITON_INSTALLED[0]
+
+
+def _built(name: str) -> bool:
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    return any(root.glob(f"*/{name}/{name}.so")) or (root / name / f"{name}.so").is_file()
 
 
 # Per-kernel compiler flags.  The fused passes are built for this CPU's vector units (their inner
@@ -42,7 +98,7 @@ def load(name: str):
     if name in _modules:
         return _modules[name]
     module = None
-    if os.environ.get("PIPELINE_DISABLE_CPP_KERNELS", "0") != "1":
+    if os.environ.get("PIPELINE_DISABLE_CPP_KERNELS", "0") != "1" and not reference_forced():
         try:
             from torch.utils.cpp_extension import load as build
 
@@ -53,9 +109,11 @@ def load(name: str):
             key = source.read_bytes() + torch.__version__.encode() + " ".join(flags).encode()
             if "-march=native" in flags:
                 key += _cpu_identity()
-            digest = hashlib.sha256(key).hexdigest()[:10]
-            module = build(name=f"pipeline_{name}_{digest}", sources=[str(source)], extra_cflags=flags,
-                           verbose=False)
+            build_name = f"pipeline_{name}_{hashlib.sha256(key).hexdigest()[:10]}"
+            if not _built(build_name):
+                log.info("compiling the C++ %s kernel (%s, %s): once per machine and source version, about a "
+                         "minute; later runs load the cached build", name, source.name, " ".join(flags))
+            module = build(name=build_name, sources=[str(source)], extra_cflags=flags, verbose=False)
         except Exception as err:  # a missing compiler must not stop training: say so once, run slower
             log.warning("could not build the fused %s kernel (%s); using the tensor-op path instead", name,
                         str(err).splitlines()[0] if str(err) else type(err).__name__)
