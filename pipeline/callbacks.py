@@ -22,14 +22,16 @@ def default_callbacks(trainer) -> list:
     stability = StabilityCallback(trainer)
     callbacks = [stability, TrainLog(trainer, stability)]
     if continual is not None:  # the engine (evaluation, EWC) and the guard's quarantine, before the resume
-        continual.run.attach(trainer.engine, stability.guard)
-        continual.run.schedule.subscribe(_Broadcast(trainer, continual))
+        continual.attach(trainer.engine, stability.guard)
         callbacks.append(continual)
     if cfg.plasticity.enabled:  # STDP and metaplasticity beside backprop
         from pipeline.plasticity import Plasticity
 
         callbacks.append(Plasticity(cfg.plasticity, trainer.engine, trainer.model))
-    callbacks += [Schedule(trainer), getattr(trainer, "preemption", None) or PreemptionCallback([])]
+    callbacks += [Schedule(trainer), trainer.preemption]
+    for callback in callbacks if continual is not None else ():
+        if callback is not continual:
+            continual.schedule.subscribe(callback)  # task boundaries reach every callback (plasticity's reference)
     return callbacks
 
 
@@ -155,7 +157,7 @@ class TrainLog(Callback):
         log.info("  checkpoints: %s  log: %s  metrics: %s", trainer.checkpointer.dir, run_dir / "training.log",
                  run_dir / "metrics.jsonl")
         if trainer.continual is not None:
-            log.info("  %s", trainer.continual.run.summary(run_dir))
+            log.info("  %s", trainer.continual.summary(run_dir))
         if trainer.cfg.train.report and trainer.rank == 0:
             from pipeline.report import build_report  # matplotlib: imported on the one rank that draws
 
@@ -164,46 +166,6 @@ class TrainLog(Callback):
             except Exception as err:  # a plotting problem must not fail a finished run
                 log.warning("the run report could not be written (%s: %s); retry with python -m pipeline.report %s",
                             type(err).__name__, err, run_dir)
-
-
-class ContinualCallback(Callback):
-    """A continual schedule (pipeline/continual/): its stream, per-task LR, replay, EWC and task matrix. Its
-    boundary hook reaches every other callback's on_task_start/on_task_end, after its own components."""
-
-    def __init__(self, cfg, *args):
-        from pipeline.continual import ContinualRun
-
-        self.run = ContinualRun(cfg, *args)
-
-    def states(self) -> list:
-        return [(name, component, False) for name, component in self.run.components()]
-
-    def on_fit_start(self, trainer) -> None:
-        self.run.begin(trainer.metrics)  # a fresh run: the task matrix's row 0, then the first task starts
-
-    def objective(self, loss):
-        return self.run.objective(loss)  # + the EWC penalty
-
-    def train_record(self, step: int) -> dict:
-        return self.run.train_record()
-
-    def on_step_done(self, step: int) -> None:
-        self.run.after_step(step)  # replay feed; after a task's last step its end hooks, before any checkpoint
-
-
-class _Broadcast:
-    def __init__(self, trainer, source):
-        self.trainer, self.source = trainer, source
-
-    def on_task_start(self, task) -> None:
-        for callback in self.trainer.callbacks:
-            if callback is not self.source:
-                callback.on_task_start(task)
-
-    def on_task_end(self, task) -> None:
-        for callback in self.trainer.callbacks:
-            if callback is not self.source:
-                callback.on_task_end(task)
 
 
 class Schedule(Callback):

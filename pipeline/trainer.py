@@ -7,26 +7,8 @@
 trained (a micro-batch the callbacks skip, collectively, is replaced by the next one), backward and
 `engine.step()` for each. Every mechanism around it (the batch guard, the loss-scale watch, the
 preemption signal, the continual schedule with replay and EWC, plasticity, logging, checkpoints) is a
-`Callback` (pipeline/callbacks.py) that decides its own timing. The order of the calls is fixed:
-
-    __init__          states()                     each stateful component, registered once
-    fit()             on_fit_start(trainer)        after the resume; a fresh run's continual row 0
-    train_step()      on_step_start(step)          step: the one being trained (global_steps + 1)
-      micro-batch       on_logits(logits, step, last) -> logits;  on_loss(loss, step, attempt) -> loss
-                        skip_reason(loss, batch, step, attempt) -> reason or None (collective)
-                        objective(loss) -> loss    what is backpropagated (EWC adds its penalty)
-                        on_micro_batch(loss)       after backward, before engine.step
-      after engine.step on_step_end(step, applied) applied: the optimizer step was taken (fp16 may skip)
-    log interval      train_record(step) -> dict   merged into the `train` record (may be collective)
-    every step        on_step_done(step)           task boundaries: on_task_end(task), on_task_start(task)
-                      should_interrupt(step)       stop now (every callback asked: collectives inside)
-                      should_evaluate(step) -> evaluate(step) -> on_evaluate(step, result)
-                      should_save(step)            -> a checkpoint
-                      should_stop(step)            stop after this step's evaluation and checkpoint
-    exit              on_exit(reason)              reason: end, stopped, preempted or aborted, after the one
-                                                   exit path has saved whatever was not saved yet
-
-Every callback sees every hook (the base class makes each a no-op), in list order.
+`Callback` (pipeline/callbacks.py) that decides its own timing. `Callback` lists the hooks in the order they
+are called; every callback sees every hook, in list order (docs/TRAINER.md draws the whole sequence).
 """
 from __future__ import annotations
 
@@ -34,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -52,29 +33,27 @@ log = logging.getLogger("pipeline")
 
 
 class Callback:
-    """One mechanism around the step; override the hooks it needs (see the module docstring for the order)."""
+    """One mechanism around the step; override the hooks it needs. They are called in this order:"""
 
-    def states(self) -> list:
-        return []  # (name, component, optional): checkpointed through the Trainer's ClientState
-
-    def on_fit_start(self, trainer) -> None: ...
-    def on_step_start(self, step: int) -> None: ...
+    def states(self) -> list: return []  # (name, component, optional) registered once in the Trainer's ClientState
+    def on_fit_start(self, trainer) -> None: ...  # after the resume, before evaluate(0) of a fresh run
+    def on_step_start(self, step: int) -> None: ...  # train_step(): step = global_steps + 1; then per micro-batch:
     def on_logits(self, logits, step: int, last: bool): return logits
     def on_loss(self, loss, step: int, attempt: int): return loss
-    def skip_reason(self, loss, batch, step: int, attempt: int) -> Optional[str]: return None
-    def objective(self, loss): return loss
-    def on_micro_batch(self, loss) -> None: ...
-    def on_step_end(self, step: int, applied: bool) -> None: ...
-    def train_record(self, step: int) -> dict: return {}
-    def on_step_done(self, step: int) -> None: ...
+    def skip_reason(self, loss, batch, step: int, attempt: int) -> Optional[str]: return None  # same on all ranks
+    def objective(self, loss): return loss  # what is backpropagated
+    def on_micro_batch(self, loss) -> None: ...  # after backward, before engine.step
+    def on_step_end(self, step: int, applied: bool) -> None: ...  # applied: False when the fp16 scaler skipped
+    def on_step_done(self, step: int) -> None: ...  # run_step(): the log record, task boundaries
+    def train_record(self, step: int) -> dict: return {}  # at log steps, from TrainLog.on_step_done
+    def on_task_end(self, task) -> None: ...  # from a continual schedule's on_step_done
     def on_task_start(self, task) -> None: ...
-    def on_task_end(self, task) -> None: ...
-    def should_interrupt(self, step: int) -> bool: return False
+    def should_interrupt(self, step: int) -> bool: return False  # fit(): stop now; all asked (collectives inside)
     def should_evaluate(self, step: int) -> bool: return False
     def on_evaluate(self, step: int, result: dict) -> None: ...
     def should_save(self, step: int) -> bool: return False
-    def should_stop(self, step: int) -> bool: return False
-    def on_exit(self, reason: str) -> None: ...
+    def should_stop(self, step: int) -> bool: return False  # stop after this step's evaluation and checkpoint
+    def on_exit(self, reason: str) -> None: ...  # end | stopped | preempted | aborted, after the exit path's save
 
 
 class Trainer:
@@ -105,7 +84,8 @@ class Trainer:
         self.metrics: Optional[MetricsSink] = None
 
     def _build(self, cfg) -> None:
-        from pipeline import callbacks as cb
+        from pipeline.callbacks import PreemptionCallback
+        from pipeline.continual import ContinualRun
         from pipeline.data import PackedReader
         from pipeline.engine.setup import (check_precision_supported, configure_cpu_threads, configure_determinism,
                                            initialize, load_deepspeed_config, precision_of)
@@ -119,21 +99,21 @@ class Trainer:
         configure_cpu_threads()  # after: under srun and mpirun the ranks per node are known only now
         self.run_dir = run_dir = Path(cfg.train.out_dir)
         setup_logging(run_dir, self.rank)
-        self.preemption = cb.PreemptionCallback(cfg.train.preemption_signals)  # from now on a signal: checkpoint
+        self.preemption = PreemptionCallback(cfg.train.preemption_signals)  # from now on a signal: checkpoint
 
         # ---- data: each rank reads its own slice; a continual schedule's stream stands in for the reader
         self.micro_batch = micro_batch = ds_config["train_micro_batch_size_per_gpu"]
         verify = int(os.environ.get("LOCAL_RANK", "0")) == 0  # one process per node hashes the shards
-        continual = cb.ContinualCallback(cfg, micro_batch, ds_config["gradient_accumulation_steps"], self.rank,
-                                         self.world_size, verify, run_dir) if cfg.continual.enabled else None
+        continual = ContinualRun(cfg, micro_batch, ds_config["gradient_accumulation_steps"], self.rank,
+                                 self.world_size, verify, run_dir) if cfg.continual.enabled else None
         if continual is not None:
-            cfg.train.max_steps = continual.run.total_steps
+            cfg.train.max_steps = continual.total_steps
         reader = lambda split, **kw: PackedReader(  # noqa: E731
             cfg.data.data_dir, split=split, sequence_length=cfg.data.sequence_length, micro_batch_size=micro_batch,
             seed=cfg.data.seed, rank=self.rank, world_size=self.world_size, verify_checksums=verify, **kw)
-        self.reader = continual.run.stream if continual else reader(
+        self.reader = continual.stream if continual else reader(
             "train", trace_file=run_dir / "samples" / f"rank{self.rank}.jsonl" if cfg.data.trace_samples else None)
-        self.val_reader = continual.run.validation if continual else reader("validation")
+        self.val_reader = continual.validation if continual else reader("validation")
         if self.reader.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
                               f"({self.reader.vocab_size}) of {cfg.data.data_dir}/manifest.json")
@@ -143,7 +123,7 @@ class Trainer:
         self.model = HybridLM(cfg.model)
         torch.manual_seed(cfg.train.seed + 1 + self.rank)
         self.engine, self.scheduler = initialize(self.model, ds_config, cfg.train,
-                                                 continual.run.lr_scheduler if continual else None,
+                                                 continual.lr_scheduler if continual else None,
                                                  plasticity=cfg.plasticity)  # meta: the metaplastic optimizer
         self.precision = precision_of(ds_config)
         if self.rank == 0:
@@ -233,7 +213,7 @@ class Trainer:
 
     # ---- evaluation
     def evaluate(self, step: int) -> dict:
-        continual = self.continual.run if self.continual else None
+        continual = self.continual
         result = (continual.evaluate_current(step) if continual else
                   evaluate(self.engine, self.val_reader.iter_epoch_once(), self.cfg.train.eval_batches))
         text_bytes = None if continual else self.val_reader.manifest.split("validation").extra.get("text_bytes")

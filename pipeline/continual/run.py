@@ -12,6 +12,7 @@ from pipeline.data.blend import SourcePool
 from pipeline.engine.evaluation import evaluate
 from pipeline.engine.lr import build_lr_scheduler
 from pipeline.metrics import bits_per_byte, perplexity
+from pipeline.trainer import Callback
 
 from .ewc import EWC
 from .matrix import TaskMatrix
@@ -22,7 +23,10 @@ from .stream import TaskStream, validation_summary
 log = logging.getLogger("pipeline")
 
 
-class ContinualRun:
+class ContinualRun(Callback):
+    """A continual schedule as one Trainer callback: its stream stands in for the reader, its per-task LR for the
+    plain one; the task-boundary hook reaches its own components first, then the Trainer's other callbacks."""
+
     def __init__(self, cfg, micro_batch: int, accumulation: int, rank: int, world_size: int,
                  verify_checksums: bool, run_dir: Path):
         self.cfg = cfg.continual
@@ -68,14 +72,13 @@ class ContinualRun:
         self.ewc.attach(engine, lambda sample: bool(guard.quarantined) and
                         self.pool.window_of(sample) in guard.quarantined)
 
-    def components(self) -> list:
-        """The checkpointed parts, under their checkpoint keys."""
-        return [("continual_schedule", self.schedule), ("replay_buffer", self.replay), ("ewc", self.ewc),
-                ("task_matrix", self.matrix)]
+    def states(self) -> list:
+        return [(name, part, False) for name, part in (("continual_schedule", self.schedule),
+                ("replay_buffer", self.replay), ("ewc", self.ewc), ("task_matrix", self.matrix))]
 
-    def begin(self, metrics) -> None:
-        """Before the loop. A fresh run evaluates matrix row 0 and starts the first task; a resumed one goes on."""
-        self.matrix.metrics = metrics
+    def on_fit_start(self, trainer) -> None:
+        """A fresh run evaluates matrix row 0 and starts the first task; a resumed one goes on."""
+        self.matrix.metrics = trainer.metrics
         if not self.schedule.started:
             self.matrix.evaluate_row("init", 0)
         self.schedule.begin()
@@ -90,11 +93,12 @@ class ContinualRun:
         self._penalty_count += 1
         return loss + penalty.to(loss.dtype)
 
-    def after_step(self, step: int) -> None:
+    def on_step_done(self, step: int) -> None:
+        """The replay feed; after a task's last step its end hooks (before anything is checkpointed at it)."""
         self.stream.end_step()
         self.schedule.after_step(step)
 
-    def train_record(self) -> dict:
+    def train_record(self, step: int = 0) -> dict:
         """Extra fields of the periodic train record (the task, replay and EWC at work)."""
         record = {"task": self.schedule.task_for_step(self.engine.global_steps).name,
                   "replay_buffer": len(self.replay)}

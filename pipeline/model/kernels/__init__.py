@@ -24,28 +24,19 @@ log = logging.getLogger(__name__)
 _HERE = Path(__file__).resolve().parent
 _modules: dict = {}
 
-# recurrence -> {device: implementation (why)}; "reference" is what every device falls back to.
+# recurrence -> (CUDA, CPU, reference: every device's fallback), each with why; docs/MODEL.md explains the kernels.
 DISPATCH = {
-    "diagonal scan h_t = a_t h_(t-1) + b_t (liquid scan backbone, LIF membrane, STDP traces)": {
-        "cuda": "Triton triton_scan.py (one launch per direction; a blocked scan is many small launches)",
-        "cpu": "C++ diag_scan.cpp (one fused pass each way, vectorised for this CPU)",
-        "reference": "tensor ops: scan.py's blocked scan (chunked cumulative products)"},
-    "liquid CfC cell (gates, decays, scan, tau metrics)": {
-        "cuda": "Triton triton_liquid.py (everything per step in one kernel)",
-        "cpu": "tensor ops, its scan through the diagonal scan above",
-        "reference": "tensor ops"},
-    "LIF neurons (membrane, threshold, reset, surrogate backward)": {
-        "cuda": "Triton triton_lif.py (the reset makes the recurrence nonlinear: one sequential kernel)",
-        "cpu": "C++ lif_sweep.cpp for hard spikes in fp32/fp64, else tensor ops",
-        "reference": "tensor ops: spiking.py's chunked scan with a reset pass"},
-    "Mamba selective scan": {
-        "cuda": "mamba-ssm's selective_scan_fn when importable (model.mamba_backend auto/cuda)",
-        "cpu": "C++ selective_scan.cpp (the state never leaves the cache)",
-        "reference": "tensor ops: scan.py's chunked selective scan"},
-    "RMSNorm": {
-        "cuda": "tensor ops (fused by the GPU's elementwise kernels well enough)",
-        "cpu": "C++ rms_norm.cpp (one pass per row each way)",
-        "reference": "tensor ops"},
+    "diagonal scan (liquid scan, LIF membrane, STDP traces)": (
+        "Triton triton_scan.py: one launch per direction, where a blocked scan is many small launches",
+        "C++ diag_scan.cpp: one fused pass each way, vectorised for this CPU", "tensor ops: scan.py's blocked scan"),
+    "liquid CfC cell": ("Triton triton_liquid.py: gates, decays, scan and tau metrics in one kernel",
+                        "tensor ops, the scan through diag_scan.cpp", "tensor ops"),
+    "LIF neurons": ("Triton triton_lif.py: the reset makes the recurrence nonlinear, so one sequential kernel",
+                    "C++ lif_sweep.cpp for hard spikes in fp32/fp64, else tensor ops", "tensor ops: chunked scan + reset"),
+    "Mamba selective scan": ("mamba-ssm's selective_scan_fn when importable (model.mamba_backend auto/cuda)",
+                             "C++ selective_scan.cpp: the state never leaves the cache", "tensor ops: chunked scan"),
+    "RMSNorm": ("tensor ops: the GPU's elementwise kernels suffice", "C++ rms_norm.cpp: one pass per row each way",
+                "tensor ops"),
 }
 
 
