@@ -59,11 +59,27 @@ def use_triton(x: torch.Tensor) -> bool:
     return _TRITON_INSTALLED[0]
 
 
-def _built(name: str) -> bool:
+def _build_root() -> Path:
     from torch.utils.cpp_extension import get_default_build_root
 
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+
+
+def _built(name: str) -> bool:
+    root = _build_root()
     return any(root.glob(f"*/{name}/{name}.so")) or (root / name / f"{name}.so").is_file()
+
+
+def _stable_source(source: Path, build_name: str) -> Path:
+    """The source copied to a path named after its content: torch rebuilds whenever the source path in its build
+    file changes, so building each checkout's own path made checkouts of one version rebuild over each other."""
+    copy = _build_root() / "sources" / f"{build_name}.cpp"
+    if not copy.is_file():
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        tmp = copy.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(source.read_bytes())
+        os.replace(tmp, copy)  # complete or absent
+    return copy
 
 
 # Per-kernel compiler flags.  The fused passes are built for this CPU's vector units (their inner
@@ -104,7 +120,8 @@ def load(name: str):
             if not _built(build_name):
                 log.info("compiling the C++ %s kernel (%s, %s): once per machine and source version, about a "
                          "minute; later runs load the cached build", name, source.name, " ".join(flags))
-            module = build(name=build_name, sources=[str(source)], extra_cflags=flags, verbose=False)
+            module = build(name=build_name, sources=[str(_stable_source(source, build_name))], extra_cflags=flags,
+                           verbose=False)
         except Exception as err:  # a missing compiler must not stop training: say so once, run slower
             log.warning("could not build the fused %s kernel (%s); using the tensor-op path instead", name,
                         str(err).splitlines()[0] if str(err) else type(err).__name__)
