@@ -43,7 +43,7 @@ class StabilityCallback(Callback):
         self.guard = BatchGuard(cfg.stability, trainer.run_dir, trainer.reader)
         self.watch = LossScaleWatch(trainer.engine, cfg.stability, trainer.ds_config)
         self.drill = Drill(cfg.stability)
-        self.trainer = trainer
+        self.trainer, self.overflow = trainer, None
 
     def states(self) -> list:
         return [("guard", self.guard, False), ("scale_watch", self.watch, False)]
