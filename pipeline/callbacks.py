@@ -142,7 +142,7 @@ class TrainLog(Callback):
 
         self.progress.close()
         trainer, run_dir = self.trainer, self.trainer.run_dir
-        if reason == "aborted":
+        if trainer.abort_message:  # a stop raised by a mechanism (RunAborted, ...)
             log.error("%s", trainer.abort_message)
         if reason not in ("end", "stopped"):
             return

@@ -26,7 +26,6 @@ from pipeline.config import ConfigError
 from pipeline.engine.checkpoint import Checkpointer, ClientState, RunConfigRecord
 from pipeline.engine.evaluation import evaluate, lm_loss
 from pipeline.engine.preemption import PREEMPTED_EXIT_CODE
-from pipeline.engine.stability import RunAborted
 from pipeline.metrics import MetricsSink, bits_per_byte, setup_logging
 
 log = logging.getLogger("pipeline")
@@ -48,12 +47,13 @@ class Callback:
     def train_record(self, step: int) -> dict: return {}  # at log steps, from TrainLog.on_step_done
     def on_task_end(self, task) -> None: ...  # from a continual schedule's on_step_done
     def on_task_start(self, task) -> None: ...
-    def should_interrupt(self, step: int) -> bool: return False  # fit(): stop now; all asked (collectives inside)
-    def should_evaluate(self, step: int) -> bool: return False
+    def should_interrupt(self, step: int): return False  # fit(): stop now (truthy; a str names the reason)
+    def should_evaluate(self, step: int) -> bool: return False  # every should_* asks all (collectives inside)
     def on_evaluate(self, step: int, result: dict) -> None: ...
     def should_save(self, step: int) -> bool: return False
-    def should_stop(self, step: int) -> bool: return False  # stop after this step's evaluation and checkpoint
-    def on_exit(self, reason: str) -> None: ...  # end | stopped | preempted | aborted, after the exit path's save
+    def should_stop(self, step: int): return False  # stop after this step's evaluation and checkpoint
+    def on_stopping(self, reason: str) -> None: ...  # the exit path, before its checkpoint
+    def on_exit(self, reason: str) -> None: ...  # end | stopped | preempted | aborted | another stop's reason
 
 
 class Trainer:
@@ -82,6 +82,7 @@ class Trainer:
                 self.states.register(name, component, optional=optional)
         self._saved_step: Optional[int] = None
         self.metrics: Optional[MetricsSink] = None
+        self.abort_message: Optional[str] = None
 
     def _build(self, cfg) -> None:
         from pipeline.callbacks import PreemptionCallback
@@ -203,10 +204,10 @@ class Trainer:
                 good += 1
             step = engine.global_steps
             self._each("on_step_end", step, engine.was_step_applied())
-        except RunAborted:
-            # The partial step is dropped: the checkpoint holds the last applied step and the reader
-            # position at its end, so a resume redoes this step (skipping what is now quarantined).
-            if good < gas:
+        except Exception as err:
+            # A stop (RunAborted, ...) drops the partial step: the checkpoint holds the last applied step and the
+            # reader position at its end, so a resume redoes this step (skipping what is now quarantined).
+            if hasattr(err, "exit_code") and good < gas:
                 reader.load_state_dict(reader_state_at_step_start)
             raise
         return step
@@ -242,27 +243,39 @@ class Trainer:
     def fit(self) -> int:
         """Train to train.max_steps (or a stop); return the process exit code."""
         self.begin()
-        step, reason, code = self.engine.global_steps, "end", 0
+        step, code = self.engine.global_steps, 0
         if step == 0:
             self.evaluate(0)
         try:
             while step < self.cfg.train.max_steps:
                 step = self.run_step()
                 last = step == self.cfg.train.max_steps
-                if any(self._each("should_interrupt", step)) and not last:
-                    reason, code = "preempted", PREEMPTED_EXIT_CODE
+                stop = _reason(self._each("should_interrupt", step), "preempted")
+                if stop and not last:
                     break
                 if any(self._each("should_evaluate", step)):
                     self.evaluate(step)
                 if any(self._each("should_save", step)):
                     log.info("checkpoint %s", self.save(step))
-                if any(self._each("should_stop", step)) and not last:
-                    reason = "stopped"
+                stop = _reason(self._each("should_stop", step), "stopped")
+                if stop and not last:
                     break
-        except RunAborted as abort:
-            reason, code = "aborted", abort.exit_code
-            self.abort_message = str(abort)
+            else:
+                stop = None
+        except Exception as err:  # a stop raised by a mechanism (RunAborted: exit code 3) leaves by the same path
+            if not hasattr(err, "exit_code"):
+                raise
+            stop, code, self.abort_message = getattr(err, "reason", "aborted"), err.exit_code, str(err)
+        reason = stop or "end"
+        code = PREEMPTED_EXIT_CODE if reason == "preempted" else code
+        self._each("on_stopping", reason)
         if self._saved_step != self.engine.global_steps:  # whatever the reason: the state it stops in is kept
             log.info("checkpoint %s", self.save(self.engine.global_steps))
         self._each("on_exit", reason)
         return code
+
+
+def _reason(answers: list, default: str) -> Optional[str]:
+    """The first truthy answer of a should_* hook, as a reason (True means `default`)."""
+    answer = next((a for a in answers if a), None)
+    return None if answer is None else answer if isinstance(answer, str) else default

@@ -252,3 +252,38 @@ def test_the_trainer_is_the_checkpointed_state(tmp_path):
     assert counter.n == 2 and trainer.reader.position == 4
     with pytest.raises(KeyError, match="counter"):
         trainer.load_state_dict({"reader": {"position": 1}})
+
+
+def test_a_stop_raised_with_its_own_reason_and_code_leaves_by_the_exit_path(tmp_path):
+    """What a future mechanism (say, a lost peer) raises: its reason reaches on_stopping and on_exit, its code the
+    shell; the checkpoint comes after on_stopping (a task's end hooks could run there first)."""
+    calls = []
+
+    class LostPeer(RuntimeError):
+        exit_code, reason = 4, "lost_peer"
+
+    class Raiser(Callback):
+        def on_step_end(self, step, applied):
+            if step == 2:
+                raise LostPeer("rank 1 stopped answering")
+
+        def on_stopping(self, reason):
+            calls.append(f"stopping {reason}")
+
+    trainer, engine, saves, _ = make_trainer(tmp_path, Raiser(), Recorder(calls), max_steps=5)
+    trainer.checkpointer = SimpleNamespace(save=lambda engine, step, tag=None: calls.append(f"save {step}"))
+    assert trainer.fit() == 4
+    assert calls[-3:] == ["stopping lost_peer", "save 2", "exit lost_peer"]
+    assert trainer.reader.position == 4, "the optimizer step was taken: the reader stays at its end"
+
+
+def test_should_stop_may_name_its_reason(tmp_path):
+    calls = []
+
+    class Signal(Callback):
+        def should_stop(self, step):
+            return "preempted" if step == 2 else False
+
+    trainer, _, saves, evals = make_trainer(tmp_path, Signal(), Recorder(calls), max_steps=5)
+    assert trainer.fit() == 75
+    assert evals == [0, 2] and saves == [2] and calls[-1] == "exit preempted", "evaluated, saved once, exit 75"
