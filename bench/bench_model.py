@@ -1,7 +1,7 @@
 """Model benchmark: where one training step of the hybrid goes, against a same-size Transformer.
 
     python bench/bench_model.py                 # the CPU target (below): table, breakdown, loop overhead
-    python bench/bench_model.py --no_loop       # without the launch/train.py run
+    python bench/bench_model.py --no_loop       # without the training-loop run
     python bench/bench_model.py --loop_hidden 128   # the loop-overhead part at a smaller width (faster)
     python bench/bench_model.py --components    # each recurrence: fused kernel vs blocked fallback vs reference
     python bench/bench_model.py --profile 256   # op-level profile of one hybrid step, [WIDTH:]SEQ
@@ -19,8 +19,9 @@ The default run measures the CPU target as the issue defines it, in one process:
 
 It prints both tokens/s, MFU against an fp32 matmul peak measured in the same run (the best of a few
 measurements), the ratio (PASS >= 0.6), a per-component breakdown of the hybrid's step at each point,
-and the training loop's own tokens/s (launch/train.py under the DeepSpeed launcher, ds_configs/cpu.json,
-1 process, the table's model at seq 256 x batch 8) against the bare step (PASS: the loop costs < 10 %).
+and the training loop's own tokens/s (`Trainer.run_step`, launch/train.py's step with its callbacks, in this
+process: DeepSpeed with ds_configs/cpu.json as a group of one, the table's model at seq 256 x batch 8) against
+the bare step (PASS: the loop costs < 10 %).
 Ratios, never absolute timings, are the claims: the machine may be shared (the output says how loaded
 it was).  bench/gpu_model_check.py runs the same functions on a GPU (bf16 autocast).
 """
@@ -32,7 +33,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -49,7 +49,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from pipeline.comm import free_port  # noqa: E402
 from pipeline.config import ModelConfig  # noqa: E402
+from pipeline.metrics import read_metrics  # noqa: E402
 from pipeline.flops import measure_peak_flops, model_flops_per_token  # noqa: E402
 from pipeline.model import HybridLM  # noqa: E402
 from pipeline.model.hybrid import HybridBlock  # noqa: E402
@@ -350,12 +352,6 @@ def print_breakdown(parts: Dict[str, float], title: str) -> None:
 # The training loop against the bare step
 # ----------------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def prepare_data(data_dir: Path, vocab_size: int = 4000, log: Optional[Path] = None) -> Path:
     """A tokenized corpus (the Python standard library's sources) for the loop run, built once."""
     if not (data_dir / "manifest.json").is_file():
@@ -368,22 +364,14 @@ def prepare_data(data_dir: Path, vocab_size: int = 4000, log: Optional[Path] = N
     return data_dir
 
 
-def steady_intervals(metrics: Path, warmup: int) -> Tuple[List[float], List[float]]:
-    """(wall-clock seconds between consecutive `train` records after the first `warmup` steps, the loop's
-    own tokens_per_s of those steps) from a run's metrics.jsonl written with log_interval 1.
+def loop_step_times(cfg: ModelConfig, B: int, T: int, data_dir: Path, run_dir: Path, ds_config: str, steps: int,
+                    threads: Optional[int] = None) -> Tuple[List[float], List[float]]:
+    """`Trainer.run_step()` (launch/train.py's step: train_step and the per-step callbacks, logging every step)
+    in this process with exactly `cfg`, micro-batch B, no accumulation: (seconds of each step, the loop's own
+    tokens_per_s of each step). DeepSpeed runs as a group of one; evaluation and checkpoints are not timed."""
+    from pipeline.run_config import parse_run_config
+    from pipeline.trainer import Trainer
 
-    The wall clock between records counts everything the loop does per step (engine, guard, logging,
-    metrics); evaluation and checkpoints come only after the last record, so they fall outside."""
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    train = sorted((r for r in rows if r["kind"] == "train"), key=lambda r: r["step"])
-    kept = [(a, b) for a, b in zip(train, train[1:]) if b["step"] == a["step"] + 1 and b["step"] > warmup]
-    return [b["time"] - a["time"] for a, b in kept], [b["tokens_per_s"] for a, b in kept]
-
-
-def run_loop(cfg: ModelConfig, B: int, T: int, data_dir: Path, run_dir: Path, ds_config: str, steps: int,
-             threads: Optional[int] = None, timeout: int = 1800) -> Path:
-    """launch/train.py on one process under the DeepSpeed launcher with exactly `cfg`, micro-batch B,
-    no accumulation, logging every step; returns its metrics.jsonl."""
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     preset = run_dir.parent / f"{run_dir.name}.yaml"
@@ -393,19 +381,19 @@ def run_loop(cfg: ModelConfig, B: int, T: int, data_dir: Path, run_dir: Path, ds
         "train": {"out_dir": str(run_dir), "max_steps": steps, "micro_batch_size": B,
                   "gradient_accumulation_steps": 1, "log_interval": 1, "eval_interval": steps, "eval_batches": 1,
                   "checkpoint_interval": steps, "keep_best": False, "report": False, "warmup_steps": 2}}))
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
-           str(ROOT / "launch/train.py"), "--deepspeed_config", str(ROOT / ds_config), "--config", str(preset)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
     if threads:
-        env["OMP_NUM_THREADS"] = str(threads)  # the trainer keeps it (configure_cpu_threads)
-    log = run_dir.parent / f"{run_dir.name}.log"
-    with open(log, "w") as f:
-        code = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # only the metrics are wanted
-    if code != 0:
-        tail = log.read_text()[-3000:]
-        raise RuntimeError(f"launch/train.py exited {code} (log {log}):\n{tail}")
-    return run_dir / "metrics.jsonl"
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # the trainer keeps it (configure_cpu_threads)
+        torch.set_num_threads(threads)
+    trainer = Trainer(parse_run_config(["--deepspeed_config", str(ROOT / ds_config), "--config", str(preset)]))
+    trainer.begin()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        trainer.run_step()
+        times.append(time.perf_counter() - start)
+    del trainer
+    reported = [r["tokens_per_s"] for r in sorted(read_metrics(run_dir, "train"), key=lambda r: r["step"])]
+    return times, reported
 
 
 def loop_overhead(cfg: ModelConfig, B: int, T: int, *, data_dir: Path, out_dir: Path, ds_config: str,
@@ -428,8 +416,8 @@ def loop_overhead(cfg: ModelConfig, B: int, T: int, *, data_dir: Path, out_dir: 
         return times
 
     before = bare()
-    intervals, reported = steady_intervals(run_loop(cfg, B, T, data_dir, out_dir / "loop_run", ds_config, steps,
-                                                    threads), warmup)
+    times, reported = loop_step_times(cfg, B, T, data_dir, out_dir / "loop_run", ds_config, steps, threads)
+    intervals, reported = times[warmup:], reported[warmup:]
     if not intervals:
         raise RuntimeError(f"the loop run wrote no steady-state steps (steps {steps}, warm-up {warmup})")
     after = bare()
@@ -446,11 +434,11 @@ def loop_overhead(cfg: ModelConfig, B: int, T: int, *, data_dir: Path, out_dir: 
 
 def print_loop(r: dict, note: str = "") -> None:
     print(f"training loop vs bare step (hidden {r['hidden_dim']}, seq {r['T']} x batch {r['B']}, "
-          f"launch/train.py with {r['ds_config']}, 1 process, logging every step: the worst case{note}):")
+          f"Trainer.run_step with {r['ds_config']}, 1 process, logging every step: the worst case{note}):")
     print(f"  bare step (fwd + bwd + AdamW)   {r['bare_tok_s']:9.1f} tok/s  (fastest of {len(r['bare_before_s'])} "
           f"before and {len(r['bare_after_s'])} after the loop run: {r['bare_step_s']:.3f} s; median "
           f"{r['bare_median_s']:.3f} s)")
-    print(f"  launch/train.py steady state    {r['loop_tok_s']:9.1f} tok/s  (fastest wall clock between two of "
+    print(f"  Trainer.run_step steady state   {r['loop_tok_s']:9.1f} tok/s  (fastest wall clock of "
           f"{len(r['loop_intervals_s'])} steps after warm-up: {r['loop_step_s']:.3f} s; median "
           f"{r['loop_median_s']:.3f} s; the loop's own tokens_per_s, median {r['loop_reported_tok_s']:.1f})")
     print(f"  loop overhead (engine + guard + logging, per step): {r['overhead']:+.1%}   "
@@ -608,7 +596,7 @@ def stdp_components(t_fb) -> None:
     """What `plasticity.stdp` costs: its traces and terms against the spiking layer, and in the demo model's step."""
     # The pre/post traces and the two outer-product terms, computed in the forward hook of every spiking layer
     # of a training micro-batch, against the spiking layer itself (spike_proj + LIF, fwd+bwd).
-    from pipeline.engine.plasticity import stdp_terms
+    from pipeline.plasticity.stdp import stdp_terms
     from pipeline.model.spiking import LIF
 
     for B, T, H, S in [(32, 256, 128, 32), (8, 1024, 640, 128)]:
@@ -625,7 +613,7 @@ def stdp_components(t_fb) -> None:
     # The whole training step of the demo preset's model (B8 T128, fwd+bwd), without and with homeostatic STDP
     # (forward hooks, the per-micro-batch sums and the update after the step; no DeepSpeed), interleaved.
     from pipeline.config import PlasticityConfig
-    from pipeline.engine.plasticity import STDP
+    from pipeline.plasticity.stdp import STDP
 
     demo = yaml.safe_load((ROOT / "launch/presets/demo.yaml").read_text())["model"]
     cfg = ModelConfig(**demo)
@@ -656,7 +644,7 @@ def main(argv=None) -> None:
     p.add_argument("--points", default="256x8,1024x2", help="seq x batch, comma-separated")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (after one warm-up); medians reported")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--no_loop", action="store_true", help="skip the launch/train.py loop-overhead run")
+    p.add_argument("--no_loop", action="store_true", help="skip the training-loop overhead run")
     p.add_argument("--loop_hidden", type=int, default=None, help="width of the loop-overhead run (default: --hidden)")
     p.add_argument("--loop_steps", type=int, default=10, help="steps of the loop run (the first 2 are warm-up)")
     p.add_argument("--data_dir", default=None, help="tokenized data for the loop run (default: OUT/data, built once)")

@@ -54,7 +54,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -471,12 +470,6 @@ def ensure_mamba(args, ctx: Context, check: Check, stage: str) -> bool | None:
 
 
 # ---- training drills through launch/train.py ---------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def prepare_data(ctx: Context) -> Path:
     data = ctx.work / "data"
     if not (data / "manifest.json").is_file():
@@ -494,6 +487,9 @@ def train(ctx: Context, name: str, data: Path, *extra: str, ds_config: str = "ds
         shutil.rmtree(run_dir, ignore_errors=True)
     preset = "launch/presets/tiny.yaml" if ctx.rehearsal else "launch/presets/small.yaml"
     rehearsal = ["--train.allow_cpu_fp16", "true"] if ctx.rehearsal else []
+    sys.path.insert(0, str(ROOT))
+    from pipeline.comm import free_port  # after the install stage: the pipeline's imports are there
+
     # The PyTorch Mamba path: mamba-ssm's atomicAdd backward is not bit-reproducible (see the module docstring).
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
            str(ROOT / "launch/train.py"), "--deepspeed_config", str(ROOT / ds_config),

@@ -290,7 +290,7 @@ def _remove_shm_buffer(rank: int) -> None:
     """DeepSpeed's CPU shared-memory allreduce creates a 69 MB buffer per rank in /dev/shm, named after the
     master address and port, and never removes it: a machine that runs many jobs fills its RAM-backed
     /dev/shm. By exit every peer has mapped it long ago (at initialisation), so unlinking is safe."""
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
-            f"{os.environ.get('MASTER_PORT')}_{rank}")
+    from pipeline.engine.ds_adapter import shm_buffer_path
+
     with contextlib.suppress(OSError):
-        os.unlink(os.path.join("/dev/shm", name))
+        os.unlink(shm_buffer_path(rank))

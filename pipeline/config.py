@@ -360,7 +360,7 @@ class ContinualConfig:
 
 @dataclass
 class PlasticityConfig:
-    """Local plasticity beside backprop (`pipeline/engine/plasticity.py`): STDP on the weights that feed the LIF
+    """Local plasticity beside backprop (`pipeline/plasticity/`): STDP on the weights that feed the LIF
     neurons, and metaplastic consolidation inside the optimizer. Both off by default; both act on the fp32 master
     weights under ZeRO-2, identically on every rank, and never on a step the fp16 loss scaler skips."""
 

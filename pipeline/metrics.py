@@ -99,10 +99,24 @@ class MetricsSink:
             self.monitor.write_events(events)
 
 
-def read_metrics(run_dir: str | Path, kind: Optional[str] = None) -> list[dict]:
-    """All records of `metrics.jsonl`, optionally of one kind (`train`, `eval`, ...)."""
+def read_metrics(run_dir: str | Path, kind: Optional[str] = None, bad_lines: Optional[list] = None) -> list[dict]:
+    """All records of `<run_dir>/metrics.jsonl` (none if it is absent), optionally of one kind (`train`, `eval`,
+    ...). With `bad_lines` (a list), unreadable lines are appended there instead of raising."""
     path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if kind is None or r["kind"] == kind]
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else ():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            if bad_lines is None:
+                raise
+            bad_lines.append(line)
+            continue
+        if record is not None and (kind is None or record.get("kind") == kind):
+            records.append(record)
+    return records
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped at exp(50) so an untrained or diverged model's loss stays a finite number."""
+    return math.exp(min(loss, 50.0))

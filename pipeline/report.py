@@ -40,6 +40,8 @@ from typing import Callable, List, Optional, Sequence
 
 from matplotlib.figure import Figure
 
+from pipeline.metrics import perplexity, read_metrics
+
 
 def _num(value) -> Optional[float]:
     if isinstance(value, bool):
@@ -91,19 +93,14 @@ def load_run(run_dir: str | Path) -> Run:
         raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run folder?")
     run = Run(dir=run_dir, name=run_dir.resolve().name)
     by_step: dict = {}
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            run.bad_lines += 1
-            continue
+    bad_lines: list = []
+    for record in read_metrics(run_dir, bad_lines=bad_lines):
         if record.get("kind") == "task_eval":
             run.task_evals.append(record)
         elif "step" in record:
             by_step.setdefault(record.get("kind"), {})[record["step"]] = record
     run.records = {kind: [steps[s] for s in sorted(steps)] for kind, steps in by_step.items()}
+    run.bad_lines = len(bad_lines)
     if (run_dir / "task_matrix.json").is_file():
         run.task_matrix = json.loads((run_dir / "task_matrix.json").read_text())
     elif run.task_evals:
@@ -180,7 +177,7 @@ def _sum_of(keys: Sequence[str]) -> Callable:
 
 def _perplexity(record: dict) -> Optional[float]:
     loss = _num(record.get("loss"))
-    return math.exp(min(loss, 50.0)) if loss is not None else None  # the cap evaluate() uses
+    return perplexity(loss) if loss is not None else None
 
 
 def plot_loss(fig, runs):
@@ -358,20 +355,25 @@ def plot_task_matrix(fig, runs):
     values = [[float("nan") if v is None else v for v in row] for row in matrix["matrix"]]
     fig.set_size_inches(6, 5)
     ax = fig.subplots()
-    lower_is_better = matrix.get("metric", "loss") == "loss"
-    image = ax.imshow(values, cmap="viridis_r" if lower_is_better else "viridis")  # bright = good
-    ax.set_xticks(range(len(tasks)), [str(t) for t in tasks], rotation=45, ha="right")
-    ax.set_yticks(range(len(rows)), [str(t) for t in rows])
+    heatmap(fig, ax, values, [str(t) for t in tasks], [str(t) for t in rows],
+            lower_is_better=matrix.get("metric", "loss") == "loss")
     ax.set_xlabel("evaluated on")
     ax.set_ylabel("after training on")
     ax.set_title(f"Task x task matrix: validation {matrix.get('metric', 'loss')}")
+    return None
+
+
+def heatmap(fig, ax, values, columns, rows, lower_is_better: bool = True, label: Optional[str] = None) -> None:
+    """A matrix as coloured cells with their values written in (NaN cells blank); bright = good."""
+    image = ax.imshow(values, cmap="viridis_r" if lower_is_better else "viridis", aspect="auto")
+    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
     for r, row in enumerate(values):
         for c, v in enumerate(row):
             if math.isfinite(v):
                 bright = (image.norm(v) < 0.5) == lower_is_better
                 ax.text(c, r, f"{v:.3g}", ha="center", va="center", color="black" if bright else "white")
-    fig.colorbar(image, ax=ax)
-    return None
+    fig.colorbar(image, ax=ax, label=label)
 
 
 PLOTS: List[tuple[str, str, Callable]] = [

@@ -19,17 +19,13 @@ from typing import Callable, Optional
 
 import pytest
 
+from pipeline.comm import free_port
+
 # binary -> Debian package that provides it
 PACKAGES = {"slurmctld": "slurm-wlm", "slurmd": "slurm-wlm", "sbatch": "slurm-wlm", "munged": "munge",
             "mungekey": "munge", "sshd": "openssh-server", "ssh": "openssh-client", "pdsh": "pdsh"}
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _installed = False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def which(binary: str) -> Optional[str]:

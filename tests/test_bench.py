@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_model import (COMPONENTS, TransformerLM, breakdown, component_calls, flops_per_token,  # noqa: E402
                                hybrid_config, make_optimizer, matched_transformer, num_params, print_breakdown,
-                               steady_intervals, time_interleaved)
+                               time_interleaved)
 from bench.gpu_model_check import speed  # noqa: E402
 from pipeline.flops import model_flops_per_token  # noqa: E402
 from pipeline.model import HybridLM  # noqa: E402
@@ -126,18 +126,6 @@ def test_transformer_flops_follow_the_hybrids_convention():
     assert flops_per_token(model, T) == 3 * (2 * (12 * H * H * L + V * H) + L * 4 * T * H)
     cfg = hybrid_config(32, 512, preset="tiny")
     assert flops_per_token(HybridLM(cfg), T) == model_flops_per_token(cfg, T)
-
-
-def test_steady_intervals_skip_warm_up_and_gaps(tmp_path):
-    rows = [{"kind": "eval", "step": 0, "time": 0.0}]
-    times = {1: 10.0, 2: 10.5, 3: 11.0, 4: 11.4, 6: 20.0, 7: 20.3}  # step 5 missing (a restart, say)
-    rows += [{"kind": "train", "step": s, "time": t, "tokens_per_s": 100.0 * s} for s, t in times.items()]
-    rows.append({"kind": "eval", "step": 7, "time": 25.0})
-    path = tmp_path / "metrics.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    intervals, reported = steady_intervals(path, warmup=2)
-    assert intervals == pytest.approx([0.5, 0.4, 0.3])
-    assert reported == [300.0, 400.0, 700.0]
 
 
 def test_runs_take_turns_step_by_step():

@@ -16,7 +16,8 @@ from pipeline.config import ConfigError, ContinualConfig, TaskSpec, TrainConfig
 from pipeline.continual.ewc import EWC, fisher_diagonal
 from pipeline.continual.matrix import TaskMatrix, transfer_metrics
 from pipeline.continual.replay import ReplayBuffer
-from pipeline.continual.schedule import TaskSchedule, lr_multiplier, plan_tasks
+from pipeline.continual.schedule import TaskSchedule, plan_tasks
+from pipeline.engine.lr import lr_multiplier
 from pipeline.continual.stream import TaskStream, blend_ids
 from pipeline.data import DataError, PackedReader, load_manifest
 from pipeline.data.blend import SourceKey, SourcePool, WeightedRoundRobin
@@ -130,9 +131,9 @@ def test_lr_rewarms_at_every_task_and_never_starts_at_zero(languages):
     assert lrs[10] == pytest.approx(0.005 / 4) and lrs[13] == pytest.approx(0.005)  # re-warm to the task's lr
     assert min(lrs) > 0
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
-    from pipeline.continual.schedule import build_lr_scheduler
+    from pipeline.engine.lr import build_lr_scheduler
 
-    scheduler = build_lr_scheduler(tasks, TrainConfig(lr=0.01, min_lr_ratio=0.1))(optimizer)
+    scheduler = build_lr_scheduler(TrainConfig(lr=0.01, min_lr_ratio=0.1), tasks)(optimizer)
     assert scheduler.get_last_lr()[0] == pytest.approx(lrs[0])  # the first step trains at lr/rewarm
     assert "lr_lambdas" not in scheduler.state_dict() or scheduler.state_dict()["lr_lambdas"] == [None]
 
@@ -140,20 +141,20 @@ def test_lr_rewarms_at_every_task_and_never_starts_at_zero(languages):
 def test_the_lr_follows_task_boundaries_through_steps_the_fp16_scaler_skipped(languages):
     """DeepSpeed steps its scheduler only for applied updates; tasks switch on global_steps, which counts
     skipped ones. With overflows at steps 2 and 3, task b must still re-warm from its own first step."""
-    from pipeline.continual.schedule import build_lr_scheduler, keep_lr_on_steps
+    from pipeline.engine.lr import build_lr_scheduler
 
     a, b = str(languages["alpha"]), str(languages["beta"])
     tasks = plan(languages, [dict(name="a", data_dir=a, steps=6), dict(name="b", data_dir=b, steps=6, lr=0.005)],
                  rewarm_steps=3)
     f = lr_multiplier(tasks, base_lr=0.01, min_lr_ratio=0.1)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
-    scheduler = build_lr_scheduler(tasks, TrainConfig(lr=0.01, min_lr_ratio=0.1))(optimizer)
+    scheduler = build_lr_scheduler(TrainConfig(lr=0.01, min_lr_ratio=0.1), tasks)(optimizer)
     trained_with = []
     for step in range(1, 13):  # the update that makes `step`
         trained_with.append(scheduler.get_last_lr()[0])
         if step not in (2, 3):  # DeepSpeed: an overflow leaves the scheduler where it was
             scheduler.step()
-        keep_lr_on_steps(scheduler, step)
+        scheduler.catch_up(step)  # what the continual callback does after every step
     assert trained_with == pytest.approx([0.01 * f(step - 1) for step in range(1, 13)])
     assert trained_with[6] == pytest.approx(0.005 / 3), "task b's first update is its re-warm's first"
 

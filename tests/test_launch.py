@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from dsrun import ROOT, free_port, tiny_data, train_losses  # noqa: F401  (tiny_data is a fixture)
+from pipeline.metrics import read_metrics
 from launch_env import LocalSshd, SlurmCluster, ensure_packages, kill_processes_with_env, require_root, wait_until
 
 STEPS = 6
@@ -196,10 +197,8 @@ def test_resume_at_one_rank_from_two(tiny_data, reference, stopped_at_two_ranks,
     assert "written by 2 ranks, this run has 1: converting it to DeepSpeed's universal checkpoint" in log
     assert "resumed from" in log and "step00000003 at step 3" in log
     assert_same_losses(run_dir, reference)
-    lrs = {r["step"]: r["lr"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-           if r["kind"] == "train"}
-    want = {r["step"]: r["lr"] for r in map(json.loads, (reference / "metrics.jsonl").read_text().splitlines())
-            if r["kind"] == "train"}
+    lrs = {r["step"]: r["lr"] for r in read_metrics(run_dir, "train")}
+    want = {r["step"]: r["lr"] for r in read_metrics(reference, "train")}
     assert lrs == pytest.approx(want), "the LR schedule continues"
     assert_every_sample_once(run_dir)
 
@@ -223,8 +222,7 @@ def test_resume_at_another_world_size_keeps_the_fp16_loss_scaler(tiny_data, tmp_
     deepspeed(2, *run_args(tiny_data, run_dir, *fp16, "--stability.drill_inf_grad_steps", "[2,3]",
                            "--train.exit_after_steps", "3"))
     deepspeed(1, *run_args(tiny_data, run_dir, *fp16, "--train.micro_batch_size", "8", "--train.resume", "auto"))
-    records = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-               if r["kind"] == "train"}
+    records = {r["step"]: r for r in read_metrics(run_dir, "train")}
     assert records[3]["loss_scale"] == 512 and records[4]["loss_scale"] == 512
     assert records[STEPS]["skipped_overflow"] == 2, "the overflow count carries over too"
     assert records[4]["lr"] == records[3]["lr"], "skipped steps did not advance the schedule, before or after"

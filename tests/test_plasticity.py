@@ -19,7 +19,7 @@ import torch
 
 from dsrun import ROOT, free_port, tiny_data, train, train_records  # noqa: F401  (tiny_data is a fixture)
 from pipeline.config import ConfigError, PlasticityConfig
-from pipeline.engine.plasticity import (STDP, MetaAdamW, MetaPlasticity, bounded, metaplastic_groups, stdp_delta,
+from pipeline.plasticity import (STDP, MetaAdamW, MetaPlasticity, bounded, metaplastic_groups, stdp_delta,
                                         stdp_terms)
 from pipeline.run_config import load_yaml_config
 

@@ -67,7 +67,7 @@ def test_report_of_a_real_run_draws_what_its_data_allows(real_run):
 def test_two_runs_overlay_into_one_folder(real_run, tmp_path, capsys):
     other = tmp_path / "lower_lr"
     other.mkdir()
-    records = [json.loads(line) for line in (real_run / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(real_run)
     last_loss = [r for r in records if r["kind"] == "train"][-1]["loss"]
     for r in records:
         if "loss" in r:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pipeline.model.liquid import CfC, LiquidScan, lecun_tanh
 from pipeline.model.mamba import Mamba
-from pipeline.model.scan import _scan_core, diag_scan, diag_scan_ref, selective_scan, selective_scan_ref
+from pipeline.model.scan import scan_core, diag_scan, diag_scan_ref, selective_scan, selective_scan_ref
 from pipeline.model import kernels
 from pipeline.model import scan as scan_module
 from pipeline.model.spiking import LIF, SpikeEncoder, lif_spikes, surrogate_grad
@@ -91,7 +91,7 @@ def test_reverse_scan_carries_the_incoming_state_through_padding(T):
         h = a[:, t] * h + b[:, t]
         ref.append(h)
     ref = torch.stack(ref[::-1], 1)
-    assert rel_err(_scan_core(a, b, h_end, reverse=True), ref) < 1e-12
+    assert rel_err(scan_core(a, b, h_end, reverse=True), ref) < 1e-12
 
 
 def selective_scan_inputs(T, with_h0=True, B=2, E=3, N=4):

@@ -6,7 +6,7 @@
 * `replay.py`: the reservoir of earlier tasks' sample ids, identical on every rank.
 * `ewc.py`: the Fisher at each boundary (correct under ZeRO-2) and the consolidation penalty.
 * `matrix.py`: every task's validation loss after each task, forgetting, BWT, FWT; json/csv/png.
-* `run.py`: `ContinualRun`, the wiring `launch/train.py` uses.
+* `run.py`: `ContinualRun`, the Trainer callback that wires them in.
 """
 from .run import ContinualRun
 

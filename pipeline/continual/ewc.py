@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import comm
+from pipeline.engine.ds_adapter import current_loss_scale
 
 log = logging.getLogger("pipeline")
 
@@ -120,9 +121,7 @@ class EWC:
         params = self._params()
         # The Fisher of fp16 weights: scale as the engine's loss scaler currently does (it is known not to
         # overflow on training batches); bf16/fp32 need no scaling.
-        scaler = getattr(engine.optimizer, "loss_scaler", None)
-        fp16 = params[0].dtype == torch.float16
-        loss_scale = float(getattr(scaler, "cur_scale", 1.0)) if fp16 else 1.0
+        loss_scale = current_loss_scale(engine) if params[0].dtype == torch.float16 else 1.0
         sums, used, left_out = fisher_diagonal(engine.module, params, self.batches_for(task, self.fisher_batches),
                                                engine.device, loss_scale, self.skip_sample)
         # One all-reduce of every sum and the two counts: the mean over all ranks' samples.

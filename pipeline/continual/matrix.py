@@ -20,9 +20,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
+
+from pipeline.metrics import perplexity
 
 log = logging.getLogger("pipeline")
 
@@ -79,9 +80,8 @@ class TaskMatrix:
     # ---- files ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
         row_names = [INIT] + self.names[:len(self.rows) - 1]
-        perplexity = [[math.exp(min(v, 50.0)) for v in row] for row in self.rows]
         return {"tasks": self.names, "rows": row_names, "steps": self.steps, "loss": self.rows,
-                "perplexity": perplexity, **transfer_metrics(self.rows, len(self.names)),
+                "perplexity": [[perplexity(v) for v in row] for row in self.rows], **transfer_metrics(self.rows, len(self.names)),
                 # For readers of a generic matrix (pipeline/report.py): the metric and its values.
                 "metric": "loss", "matrix": self.rows,
                 "definitions": {
@@ -108,21 +108,16 @@ class TaskMatrix:
     def _plot(self, data: dict) -> None:
         from matplotlib.figure import Figure  # Agg through savefig; no display, no pyplot state
 
+        from pipeline.report import heatmap
+
         rows, names = data["loss"], data["tasks"]
         fig = Figure(figsize=(1.6 + 1.1 * len(names), 1.4 + 0.6 * len(rows)), layout="constrained")
         ax = fig.subplots()
-        image = ax.imshow(rows, cmap="viridis_r", aspect="auto")  # bright = low loss
-        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-        ax.set_yticks(range(len(rows)), [f"after {r}" if r != INIT else "before training" for r in data["rows"]])
+        heatmap(fig, ax, rows, names, [f"after {r}" if r != INIT else "before training" for r in data["rows"]],
+                label="loss (nats)")
         ax.set_xlabel("evaluated on (validation loss)")
         bwt = data["bwt"]
         ax.set_title("Task x task loss" + (f"  (BWT {bwt:+.3f})" if bwt is not None else ""))
-        middle = (min(map(min, rows)) + max(map(max, rows))) / 2
-        for r, row in enumerate(rows):
-            for c, value in enumerate(row):
-                ax.text(c, r, f"{value:.3f}", ha="center", va="center",
-                        color="black" if value < middle else "white")
-        fig.colorbar(image, ax=ax, label="loss (nats)")
         fig.savefig(self.run_dir / "task_matrix.png", dpi=100)
 
     # ---- state ---------------------------------------------------------------------------

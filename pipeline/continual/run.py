@@ -1,17 +1,7 @@
-"""Wiring of a continual schedule into the trainer: what `launch/train.py` calls, nothing more.
-
-    continual = ContinualRun(cfg, micro_batch, accumulation, rank, world_size, verify, run_dir)
-    train_reader = continual.stream                      # stands in for the PackedReader
-    engine, scheduler = initialize(..., lr_scheduler=continual.lr_scheduler)
-    continual.attach(engine, guard); continual.register(states)
-    continual.begin(metrics)                             # fresh run: matrix row 0, first task starts
-    engine.backward(continual.objective(loss))           # + the EWC penalty
-    continual.after_step(step)                           # replay feed, boundary hooks
-"""
+"""Wiring of a continual schedule into the trainer: what `ContinualCallback` (pipeline/callbacks.py) calls."""
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -20,18 +10,23 @@ import torch
 from pipeline.config import ConfigError
 from pipeline.data.blend import SourcePool
 from pipeline.engine.evaluation import evaluate
-from pipeline.metrics import bits_per_byte
+from pipeline.engine.lr import build_lr_scheduler
+from pipeline.metrics import bits_per_byte, perplexity
+from pipeline.trainer import Callback
 
 from .ewc import EWC
 from .matrix import TaskMatrix
 from .replay import ReplayBuffer
-from .schedule import TaskSchedule, build_lr_scheduler, keep_lr_on_steps, plan_tasks
+from .schedule import TaskSchedule, plan_tasks
 from .stream import TaskStream, validation_summary
 
 log = logging.getLogger("pipeline")
 
 
-class ContinualRun:
+class ContinualRun(Callback):
+    """A continual schedule as one Trainer callback: its stream stands in for the reader, its per-task LR for the
+    plain one; the task-boundary hook reaches its own components first, then the Trainer's other callbacks."""
+
     def __init__(self, cfg, micro_batch: int, accumulation: int, rank: int, world_size: int,
                  verify_checksums: bool, run_dir: Path):
         self.cfg = cfg.continual
@@ -56,7 +51,7 @@ class ContinualRun:
                        self.stream.fisher_batches, len(self.tasks))
         self.matrix = TaskMatrix([t.name for t in self.tasks], run_dir, rank,
                                  lambda j: self.evaluate_task(j, self.cfg.eval_batches))
-        self.lr_scheduler = build_lr_scheduler(self.tasks, cfg.train)
+        self.lr_scheduler = build_lr_scheduler(cfg.train, self.tasks)
         self.engine = None
         self._penalty_sum, self._penalty_count = 0.0, 0
         # The task-boundary hook's subscribers, in the order they run: the matrix sees the weights the task
@@ -78,15 +73,14 @@ class ContinualRun:
         self.ewc.attach(engine, lambda sample: bool(guard.quarantined) and
                         self.pool.window_of(sample) in guard.quarantined)
 
-    def register(self, states) -> None:
-        states.register("continual_schedule", self.schedule)
-        states.register("replay_buffer", self.replay)
-        states.register("ewc", self.ewc)
-        states.register("task_matrix", self.matrix)
+    def states(self) -> list:
+        return [(name, part, False) for name, part in (("continual_schedule", self.schedule),
+                ("replay_buffer", self.replay), ("ewc", self.ewc), ("task_matrix", self.matrix))]
 
-    def begin(self, metrics) -> None:
-        """Before the loop. A fresh run evaluates matrix row 0 and starts the first task; a resumed one goes on."""
-        self.matrix.metrics = metrics
+    def on_fit_start(self, trainer) -> None:
+        """A fresh run evaluates matrix row 0 and starts the first task; a resumed one goes on."""
+        self.matrix.metrics = trainer.metrics
+        self._done_step = trainer.engine.global_steps
         if not self.schedule.started:
             self.matrix.evaluate_row("init", 0)
         self.schedule.begin()
@@ -101,12 +95,25 @@ class ContinualRun:
         self._penalty_count += 1
         return loss + penalty.to(loss.dtype)
 
-    def after_step(self, step: int) -> None:
-        keep_lr_on_steps(self.engine.lr_scheduler, step)
+    def on_step_done(self, step: int) -> None:
+        """The replay feed; after a task's last step its end hooks (before anything is checkpointed at it)."""
+        # Tasks switch on global steps, which count the updates the fp16 loss scaler skipped; DeepSpeed
+        # steps the LR schedule only for applied ones. Without this each overflow would move every later
+        # re-warm one step past its task's start.
+        self.engine.lr_scheduler.catch_up(step)
         self.stream.end_step()
         self.schedule.after_step(step)
+        self._done_step = step
 
-    def train_record(self) -> dict:
+    def on_stopping(self, reason: str) -> None:
+        """A stop raised after the optimizer step (the loss scale at its minimum) skips on_step_done. On a
+        task's last step its end hooks (Fisher, matrix row, replay merge) must still run before the exit
+        checkpoint, or the resumed run would train that task one step more and close it a step late."""
+        step = self.engine.global_steps
+        if self.schedule.started and getattr(self, "_done_step", step) != step:
+            self.on_step_done(step)
+
+    def train_record(self, step: int = 0) -> dict:
         """Extra fields of the periodic train record (the task, replay and EWC at work)."""
         record = {"task": self.schedule.task_for_step(self.engine.global_steps).name,
                   "replay_buffer": len(self.replay)}
@@ -132,7 +139,7 @@ class ContinualRun:
                 totals["bpb"] += weight * bits_per_byte(result["loss"], reader.num_tokens, text_bytes)
             else:
                 totals["bpb"] = None
-        totals["perplexity"] = math.exp(min(totals["loss"], 50.0))
+        totals["perplexity"] = perplexity(totals["loss"])
         if totals["bpb"] is None:
             del totals["bpb"]
         return totals

@@ -1,4 +1,5 @@
-"""The task schedule: which task trains at which optimizer step, the task-boundary hook, the per-task LR.
+"""The task schedule: which task trains at which optimizer step, and the task-boundary hook (the per-task LR:
+pipeline/engine/lr.py).
 
 Tasks follow each other on global step counts (task i trains steps `start+1 .. start+steps`), which every
 rank knows, so boundaries need no communication. Components subscribe to the boundary hook:
@@ -102,50 +103,6 @@ def plan_tasks(cfg: ContinualConfig, train: TrainConfig, data_dir: str, sequence
         raise ConfigError(f"train.max_steps ({train.max_steps}) must be 0 or the sum of the continual tasks' steps "
                           f"({' + '.join(str(t.steps) for t in tasks)} = {start})")
     return tasks
-
-
-def lr_multiplier(tasks: Sequence[Task], base_lr: float, min_lr_ratio: float):
-    """LR factor of the optimizer's base lr (train.lr) for the update after `step` applied updates:
-    within each task, linear warm-up over its first `rewarm` steps (the first at peak/rewarm, never 0), then
-    cosine decay from the task's peak to peak*min_lr_ratio over the rest of the task."""
-    ends = [t.end for t in tasks]
-
-    def multiplier(step: int) -> float:
-        index = next((i for i, end in enumerate(ends) if step < end), len(tasks) - 1)
-        task = tasks[index]
-        t = min(step - task.start, task.steps - 1)
-        peak = task.lr / base_lr
-        if t < task.rewarm:
-            return peak * (t + 1) / task.rewarm
-        progress = (t - task.rewarm) / max(1, task.steps - task.rewarm)
-        return peak * (min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-    return multiplier
-
-
-def build_lr_scheduler(tasks: Sequence[Task], train: TrainConfig):
-    """The per-task schedule as torch's LambdaLR, in place of WarmupCosineLR; a factory, as DeepSpeed calls
-    it with its own wrapped optimizer. LambdaLR applies step 0's factor at construction, so the first update
-    already trains at peak/rewarm. The factor is a plain function of the step: the checkpoint holds only
-    the step count, and the schedule comes from the config."""
-    import torch
-
-    multiplier = lr_multiplier(tasks, train.lr, train.min_lr_ratio)
-
-    def factory(optimizer):
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
-
-    return factory
-
-
-def keep_lr_on_steps(scheduler, step: int) -> None:
-    """Step the LR schedule up to optimizer step `step`, counting steps the fp16 loss scaler skipped.
-
-    DeepSpeed steps its LR scheduler only for applied updates, while tasks switch on `global_steps`,
-    which counts skipped ones too: each overflow would move every later re-warm one step past its
-    task's start. After this call the next update trains at `multiplier(step)` whatever was skipped."""
-    while scheduler is not None and scheduler.last_epoch < step:
-        scheduler.step()
 
 
 class TaskSchedule:

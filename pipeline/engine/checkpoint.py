@@ -2,10 +2,7 @@
 world size) and retention."""
 from __future__ import annotations
 
-import argparse
-import contextlib
 import hashlib
-import io
 import json
 import logging
 import math
@@ -21,6 +18,7 @@ import numpy as np
 import torch
 
 from pipeline import comm
+from pipeline.engine import ds_adapter
 
 log = logging.getLogger(__name__)
 
@@ -229,19 +227,12 @@ def convert_to_universal(folder: Path) -> Path:
 
     The output cannot live inside the tag folder: DeepSpeed's checkpoint reader walks subfolders.
     """
-    from deepspeed.checkpoint import ds_to_universal
-
     out = folder.parent / f"{UNIVERSAL_PREFIX}{folder.name}"
     if (out / "zero" / "optimizer_state.pt").is_file():
         return out
     tmp = folder.parent / f"{UNIVERSAL_PREFIX}{folder.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    # inject_missing_state: our checkpoints carry no Megatron-style universal_checkpoint_info (nothing to
-    # merge across tensor-parallel ranks); one worker each: no process pool forked from a training rank.
-    args = argparse.Namespace(input_folder=str(folder), output_folder=str(tmp), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
-    with contextlib.redirect_stdout(io.StringIO()):  # its progress report would land in the middle of our log
-        ds_to_universal.main(args)
+    ds_adapter.ds_to_universal(str(folder), str(tmp))
     (folder.parent / "latest_universal").unlink(missing_ok=True)  # it names the .tmp folder; we never read it
     os.replace(tmp, out)  # complete or absent
     return out
@@ -515,21 +506,10 @@ class Checkpointer:
         universal = bool(saved) and saved != world_size
         if universal:
             tag = self._convert(folder, saved, world_size)
-            # DeepSpeed reads this switch (`checkpoint.load_universal`) from its JSON at initialize();
-            # the decision comes later, once the checkpoint is chosen, so it is set for this one load.
-            engine._config.load_universal_checkpoint = True
-        try:
+        with ds_adapter.loading_universal(engine, universal):
             path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
-        finally:
-            if universal:
-                engine._config.load_universal_checkpoint = False
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {load_dir / tag}")
-        scheduler = getattr(engine, "lr_scheduler", None)
-        if hasattr(scheduler, "last_batch_iteration"):
-            # DeepSpeed's schedulers restore their iteration but not `get_last_lr()`, which would report
-            # the LR of step 1 for the first resumed step; stepping to the same iteration re-derives both.
-            scheduler.step(scheduler.last_batch_iteration)
         self.states.load_state_dict(client_state or {}, source=str(folder))
         if self.best is not None:
             self.best.at_least_as_good_as(plan["best_on_disk"])

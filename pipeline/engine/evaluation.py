@@ -1,12 +1,11 @@
 """Loss and held-out evaluation (mean token NLL, perplexity, token accuracy), reduced over all ranks."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from pipeline import comm
+from pipeline.metrics import perplexity
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -39,4 +38,4 @@ def evaluate(engine, batches, max_batches: int = 0) -> dict:
     if tokens == 0:
         raise RuntimeError("the validation split produced no tokens for evaluation")
     loss = nll_sum / tokens
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / tokens, "tokens": int(tokens)}
+    return {"loss": loss, "perplexity": perplexity(loss), "accuracy": correct / tokens, "tokens": int(tokens)}

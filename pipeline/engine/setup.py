@@ -64,12 +64,13 @@ def check_precision_supported(ds_config: dict, config_path: str, allow_cpu_fp16:
     """Fail at once, in one sentence, where DeepSpeed would fail deep inside initialize()."""
     from deepspeed.accelerator import get_accelerator
 
+    from pipeline.engine.ds_adapter import allow_fp16_on_cpu, check_version
+
+    check_version()
     accelerator = get_accelerator()
     precision = precision_of(ds_config)
     if precision == "fp16" and allow_cpu_fp16 and accelerator.device_name() == "cpu":
-        # DeepSpeed's ZeRO-2 fp16 optimizer and loss scaler run on CPU once the accelerator
-        # admits fp16; the fp16 arithmetic itself is emulated (slow), which is fine for drills.
-        accelerator.is_fp16_supported = lambda: True
+        allow_fp16_on_cpu(accelerator)
     if precision == "fp16" and not accelerator.is_fp16_supported():
         raise DeepSpeedConfigError(
             f"{config_path} trains in fp16, which the {accelerator.device_name()} accelerator here does not support: "
@@ -80,41 +81,22 @@ def check_precision_supported(ds_config: dict, config_path: str, allow_cpu_fp16:
             "use ds_configs/fp16_stable.json (GPUs before Ampere) or ds_configs/cpu.json instead.")
 
 
-def build_lr_scheduler(train: TrainConfig):
-    """Linear warmup from lr/warmup_steps, then cosine decay to lr*min_lr_ratio (DeepSpeed's WarmupCosineLR).
-
-    Returned as a factory: DeepSpeed calls it with its own wrapped optimizer.
-    """
-    from deepspeed.runtime.lr_schedules import WarmupCosineLR
-
-    warmup = max(1, train.warmup_steps)
-
-    def factory(optimizer):
-        scheduler = WarmupCosineLR(optimizer, total_num_steps=train.max_steps,
-                                   warmup_min_ratio=1.0 / warmup if train.warmup_steps > 0 else 1.0,
-                                   warmup_num_steps=warmup, cos_min_ratio=train.min_lr_ratio,
-                                   warmup_type="linear")
-        # WarmupCosineLR starts at iteration -1, i.e. ratio 0, and the engine steps it only after
-        # the first optimizer step: left alone the first step would train at LR 0 (the old trainer's bug).
-        scheduler.step(0)
-        return scheduler
-
-    return factory
-
-
 def initialize(model: torch.nn.Module, ds_config: dict, train: TrainConfig, lr_scheduler=None, plasticity=None):
     """`deepspeed.initialize` with AdamW over the model's own parameter groups.
 
-    `lr_scheduler`: a factory of another LR schedule (a continual schedule's per-task one); default WarmupCosineLR.
-    `plasticity`: a PlasticityConfig; with `meta` on, the optimizer is `MetaAdamW` (pipeline/engine/plasticity.py)."""
+    `lr_scheduler`: a factory of another LR schedule (a continual schedule's per-task one); default the plain run's
+    (pipeline/engine/lr.py).
+    `plasticity`: a PlasticityConfig; with `meta` on, the optimizer is `MetaAdamW` (pipeline/plasticity/meta.py)."""
     import deepspeed
+
+    from pipeline.engine.lr import build_lr_scheduler
 
     groups = model.parameter_groups(train.weight_decay) if hasattr(model, "parameter_groups") else model.parameters()
     # torch's AdamW is on ZeRO's list of supported optimizers; DeepSpeed's fused/CPU Adam would need a
     # compiled op per machine, and the optimizer is never the bottleneck at this model size.
     optimizer_class = torch.optim.AdamW
     if plasticity is not None and plasticity.meta:
-        from pipeline.engine.plasticity import MetaAdamW, metaplastic_groups
+        from pipeline.plasticity.meta import MetaAdamW, metaplastic_groups
 
         # Metaplasticity scales the update inside the optimizer (matrices only: 1-D parameters get meta=0).
         # ZeRO refuses optimizer classes off its list unless told otherwise; recorded in the run's ds_config.json.

@@ -24,6 +24,7 @@ import torch
 
 from pipeline import comm
 from pipeline.config import StabilityConfig
+from pipeline.engine.ds_adapter import LossScaler
 
 log = logging.getLogger(__name__)
 
@@ -167,38 +168,28 @@ class LossScaleWatch:
         self._take_over_min_scale()
 
     @property
-    def scaler(self):
-        scaler = getattr(self.engine.optimizer, "loss_scaler", None)
-        return scaler if getattr(scaler, "dynamic", False) else None
+    def scaler(self) -> Optional[LossScaler]:
+        return LossScaler.of(self.engine)
 
     def _take_over_min_scale(self) -> None:
         # DeepSpeed raises inside step() at the minimum scale, on every rank, with no checkpoint;
         # we let it clamp instead and decide ourselves after the step, where the engine is consistent.
         if self.scaler is not None and self.cfg.exit_at_min_loss_scale:
-            self.scaler.raise_error_at_min_scale = False
+            self.scaler.raise_at_min_scale(False)
 
     def _after_engine_load(self) -> None:
         """The scaler comes back pickled from the checkpoint; re-apply our policy, reset it if asked."""
         self._take_over_min_scale()
-        scaler = self.scaler
-        if scaler is None or not self.cfg.reset_loss_scale:
-            return
-        scaler.cur_scale = float(2 ** self.ds_fp16.get("initial_scale_power", 16))
-        scaler.scale_window = self.ds_fp16.get("loss_scale_window", scaler.scale_window)
-        scaler.min_scale = self.ds_fp16.get("min_loss_scale", scaler.min_scale)
-        scaler.delayed_shift = scaler.cur_hysteresis = self.ds_fp16.get("hysteresis", scaler.delayed_shift)
-        scaler.consecutive_hysteresis = self.ds_fp16.get("consecutive_hysteresis", scaler.consecutive_hysteresis)
-        scaler.last_overflow_iter = scaler.cur_iter - 1
+        if self.scaler is not None and self.cfg.reset_loss_scale:
+            self.scaler.reset(self.ds_fp16)
 
     def state(self) -> dict:
         scaler = self.scaler
-        if scaler is None:
-            return {}
-        return {"loss_scale": float(scaler.cur_scale), "hysteresis": int(scaler.cur_hysteresis)}
+        return {} if scaler is None else {"loss_scale": scaler.scale, "hysteresis": scaler.hysteresis}
 
     def before_step(self) -> None:
         scaler = self.scaler
-        self._before = (float(scaler.cur_scale), int(scaler.cur_hysteresis)) if scaler is not None else None
+        self._before = (scaler.scale, scaler.hysteresis) if scaler is not None else None
 
     def after_step(self, step: int) -> Optional[dict]:
         """Call after the boundary micro-step; returns an event dict when the optimizer step was skipped."""
@@ -209,12 +200,10 @@ class LossScaleWatch:
         scaler = self.scaler
         if scaler is not None and self._before is not None:
             scale_before, hysteresis_before = self._before
-            event.update(scale_before=scale_before, scale_after=float(scaler.cur_scale),
-                         hysteresis_left=int(scaler.cur_hysteresis))
-            at_minimum = scale_before <= scaler.min_scale and (scaler.delayed_shift == 1 or hysteresis_before == 1)
-            if at_minimum and self.cfg.exit_at_min_loss_scale:
+            event.update(scale_before=scale_before, scale_after=scaler.scale, hysteresis_left=scaler.hysteresis)
+            if scaler.at_minimum(scale_before, hysteresis_before) and self.cfg.exit_at_min_loss_scale:
                 raise RunAborted(f"fp16 gradients overflowed at step {step} while the loss scale was already at its "
-                                 f"minimum ({scaler.min_scale}): the run cannot make progress in fp16. A checkpoint "
+                                 f"minimum ({scaler.minimum}): the run cannot make progress in fp16. A checkpoint "
                                  "was saved; resume it with ds_configs/bf16.json, a lower train.lr, or "
                                  "--stability.reset_loss_scale true.")
         return event

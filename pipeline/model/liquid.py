@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .scan import compute_dtype, diag_scan, use_triton
+from .kernels import use_triton
+from .scan import compute_dtype, diag_scan
 
 
 class LiquidScan(nn.Module):

@@ -33,6 +33,10 @@ _KERNELS = None
 def cuda_kernels():
     """(selective_scan_fn, causal_conv1d_fn or None) when mamba_ssm imports, else None (cached)."""
     global _KERNELS
+    from .kernels import reference_forced
+
+    if reference_forced():
+        return None
     if _KERNELS is None:
         try:
             from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # noqa: WPS433

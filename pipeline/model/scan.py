@@ -23,15 +23,13 @@ are float64), so half-precision training keeps decays and accumulations in full 
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .kernels import diag_scan_cpu, selective_scan_cpu
+from .kernels import diag_scan_cpu, selective_scan_cpu, use_triton  # noqa: F401 (use_triton: for callers)
 
 # Below this length the carry scan over chunk summaries is a plain loop (it is already short).
 _SMALL = 8
@@ -50,7 +48,7 @@ def chunk_size(T: int) -> int:
 # Diagonal linear recurrence
 # ----------------------------------------------------------------------------------------------
 
-def _scan_core(a: Tensor, b: Tensor, h0: Optional[Tensor], reverse: bool = False) -> Tensor:
+def scan_core(a: Tensor, b: Tensor, h0: Optional[Tensor], reverse: bool = False) -> Tensor:
     """No-autograd blocked scan of h_t = a_t h_{t-1} + b_t over dim 1 of (B, T, F) tensors.
 
     With ``reverse`` the recurrence runs backwards in time: h_t = a_t h_{t+1} + b_t, and ``h0`` is the
@@ -83,7 +81,7 @@ def _scan_core(a: Tensor, b: Tensor, h0: Optional[Tensor], reverse: bool = False
         s = torch.addcmul(bt[q], at[q], s)
     P = at.prod(dim=0)
     # Carries: exact state entering each chunk, from a scan over the chunk summaries.
-    ends = _scan_core(P, s, h0, reverse)  # state at the far edge of each chunk
+    ends = scan_core(P, s, h0, reverse)  # state at the far edge of each chunk
     carry = torch.empty_like(s)
     if reverse:
         carry[:, :-1] = ends[:, 1:]
@@ -103,7 +101,7 @@ def _scan_core(a: Tensor, b: Tensor, h0: Optional[Tensor], reverse: bool = False
 class _DiagScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, h0: Optional[Tensor]) -> Tensor:
-        h = _scan_core(a, b, h0)
+        h = scan_core(a, b, h0)
         ctx.save_for_backward(a, h, h0)
         ctx.has_h0 = h0 is not None
         return h
@@ -113,7 +111,7 @@ class _DiagScan(torch.autograd.Function):
         a, h, h0 = ctx.saved_tensors
         # g_t = dL/dh_t (total) satisfies g_t = gh_t + a_{t+1} g_{t+1}: the same scan, reversed.
         a_next = torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], dim=1)
-        g = _scan_core(a_next, gh.contiguous(), None, reverse=True)
+        g = scan_core(a_next, gh.contiguous(), None, reverse=True)
         if ctx.has_h0:
             h_prev = torch.cat([h0.unsqueeze(1), h[:, :-1]], dim=1)
         else:
@@ -146,20 +144,6 @@ class _DiagScanCPU(torch.autograd.Function):
         if need_ga and a.numel() == 1 and h.numel() != 1:
             ga = ga.sum().reshape(a.shape)
         return (ga if need_ga else None), g, (gh0 if ctx.has_h0 and ctx.needs_input_grad[2] else None)
-
-
-_TRITON_INSTALLED: list = []
-
-
-def use_triton(x: Tensor) -> bool:
-    """Whether the model's recurrences on x run as the fused Triton kernels (kernels/triton_*.py):
-    CUDA tensors in fp32 or half precision, with triton installed, unless PIPELINE_DISABLE_TRITON=1.
-    Only CUDA tensors get past the first test, so a CPU run never looks for (or imports) triton."""
-    if not x.is_cuda or x.dtype == torch.float64 or os.environ.get("PIPELINE_DISABLE_TRITON", "0") == "1":
-        return False
-    if not _TRITON_INSTALLED:
-        _TRITON_INSTALLED.append(importlib.util.find_spec("triton") is not None)
-    return _TRITON_INSTALLED[0]
 
 
 def diag_scan(a: Tensor, b: Tensor, h0: Optional[Tensor] = None) -> Tensor:
@@ -292,7 +276,7 @@ class _SelectiveScan(torch.autograd.Function):
                 s.mul_(dA[q])
                 s.addcmul_(du[q].unsqueeze(-1), Bl[q].unsqueeze(-2))
             P = torch.exp(dl.sum(0).unsqueeze(-1) * A)    # (B, nc, E, N)
-            ends = _scan_core(P.view(Bsz, nc, E * N), s.view(Bsz, nc, E * N),
+            ends = scan_core(P.view(Bsz, nc, E * N), s.view(Bsz, nc, E * N),
                               h0.reshape(Bsz, E * N) if h0 is not None else None).view(Bsz, nc, E, N)
             carry = torch.empty_like(s)
             carry[:, 1:] = ends[:, :-1]
@@ -346,7 +330,7 @@ class _SelectiveScan(torch.autograd.Function):
                 s.mul_(dA[q])
             P = torch.exp(dl.sum(0).unsqueeze(-1) * A)
             g_end = gh_last.reshape(Bsz, E * N) if gh_last is not None else None
-            starts = _scan_core(P.view(Bsz, nc, E * N), s.view(Bsz, nc, E * N), g_end,
+            starts = scan_core(P.view(Bsz, nc, E * N), s.view(Bsz, nc, E * N), g_end,
                                 reverse=True).view(Bsz, nc, E, N)
             Gin[:, :-1] = starts[:, 1:]
         # Pass 2 (reverse): exact gradients, position by position across all chunks.

@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kernels import lif_sweep
-from .scan import _scan_core, chunk_size, compute_dtype, diag_scan, use_triton
+from .kernels import lif_sweep, use_triton
+from .scan import chunk_size, compute_dtype, diag_scan, scan_core
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,7 +145,7 @@ def lif_spikes(I: Tensor, v0: Optional[Tensor], beta: float, thr: float, mode: s
             v = _reset(u, sq, thr, mode)
         Sp = St.permute(1, 2, 0, 3).reshape(Bsz, nc * Q, S)
         a, b = _membrane_coeffs(Ip, Sp, beta, thr, mode)
-        U = _scan_core(a.expand_as(b).contiguous(), b.contiguous(), v0)
+        U = scan_core(a.expand_as(b).contiguous(), b.contiguous(), v0)
         bad = (Sp != (U >= thr).to(Sp.dtype)) & ((U - thr).abs() > tol)
         if not bool(bad.any()):
             break

@@ -1,12 +1,18 @@
-"""Small fused CPU kernels, compiled on first use with the machine's C++ compiler (cached afterwards).
+"""Which implementation serves each recurrence on each device, and the kernels themselves.
 
-DeepSpeed already needs that compiler on CPU machines (it JIT-builds its shared-memory comm op), so
-this adds no new requirement; if the build fails anyway, callers fall back to tensor ops with one
-warning, never silently.
+DISPATCH below is the one table; the model modules ask `use_triton(x)` and the `*_cpu()` loaders, nothing else.
+PIPELINE_REFERENCE_KERNELS=1 forces the tensor-op reference path everywhere (no Triton, no C++ build, no
+mamba-ssm); the narrower PIPELINE_DISABLE_TRITON=1 / PIPELINE_DISABLE_CPP_KERNELS=1 turn off one family.
+
+The C++ kernels are compiled on first use with the machine's C++ compiler, once per machine and source version
+(cached under torch's extension folder; the first run logs what it builds). DeepSpeed already needs that compiler
+on CPU machines (it JIT-builds its shared-memory comm op), so this adds no new requirement; if the build fails
+anyway, callers fall back to tensor ops with one warning, never silently.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -17,6 +23,63 @@ import torch
 log = logging.getLogger(__name__)
 _HERE = Path(__file__).resolve().parent
 _modules: dict = {}
+
+# recurrence -> (CUDA, CPU, reference: every device's fallback), each with why; docs/MODEL.md explains the kernels.
+DISPATCH = {
+    "diagonal scan (liquid scan, LIF membrane, STDP traces)": (
+        "Triton triton_scan.py: one launch per direction, where a blocked scan is many small launches",
+        "C++ diag_scan.cpp: one fused pass each way, vectorised for this CPU", "tensor ops: scan.py's blocked scan"),
+    "liquid CfC cell": ("Triton triton_liquid.py: gates, decays, scan and tau metrics in one kernel",
+                        "tensor ops, the scan through diag_scan.cpp", "tensor ops"),
+    "LIF neurons": ("Triton triton_lif.py: the reset makes the recurrence nonlinear, so one sequential kernel",
+                    "C++ lif_sweep.cpp for hard spikes in fp32/fp64, else tensor ops", "tensor ops: chunked scan + reset"),
+    "Mamba selective scan": ("mamba-ssm's selective_scan_fn when importable (model.mamba_backend auto/cuda)",
+                             "C++ selective_scan.cpp: the state never leaves the cache", "tensor ops: chunked scan"),
+    "RMSNorm": ("tensor ops: the GPU's elementwise kernels suffice", "C++ rms_norm.cpp: one pass per row each way",
+                "tensor ops"),
+}
+
+
+def reference_forced() -> bool:
+    return os.environ.get("PIPELINE_REFERENCE_KERNELS", "0") == "1"
+
+
+_TRITON_INSTALLED: list = []
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether the model's recurrences on x run as the fused Triton kernels (kernels/triton_*.py):
+    CUDA tensors in fp32 or half precision, with triton installed, unless switched off (module docstring).
+    Only CUDA tensors get past the first test, so a CPU run never looks for (or imports) triton."""
+    if (not x.is_cuda or x.dtype == torch.float64 or os.environ.get("PIPELINE_DISABLE_TRITON", "0") == "1"
+            or reference_forced()):
+        return False
+    if not _TRITON_INSTALLED:
+        _TRITON_INSTALLED.append(importlib.util.find_spec("triton") is not None)
+    return _TRITON_INSTALLED[0]
+
+
+def _build_root() -> Path:
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+
+
+def _built(name: str) -> bool:
+    root = _build_root()
+    return any(root.glob(f"*/{name}/{name}.so")) or (root / name / f"{name}.so").is_file()
+
+
+def _stable_source(source: Path, build_name: str) -> Path:
+    """The source copied to a path named after its content: torch rebuilds whenever the source path in its build
+    file changes, so building each checkout's own path made checkouts of one version rebuild over each other."""
+    copy = _build_root() / "sources" / f"{build_name}.cpp"
+    if not copy.is_file():
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        tmp = copy.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(source.read_bytes())
+        os.replace(tmp, copy)  # complete or absent
+    return copy
 
 
 # Per-kernel compiler flags.  The fused passes are built for this CPU's vector units (their inner
@@ -37,23 +100,12 @@ def _cpu_identity() -> bytes:
     return "\n".join(sorted(set(keep))).encode()
 
 
-def _build_root() -> Path:
-    """Where torch's JIT builds go: TORCH_EXTENSIONS_DIR, else its per-Python cache folder."""
-    import sys
-
-    from torch.utils.cpp_extension import get_default_build_root
-
-    if os.environ.get("TORCH_EXTENSIONS_DIR"):
-        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
-    return Path(get_default_build_root()) / f"py{sys.version_info.major}{sys.version_info.minor}_cpu"
-
-
 def load(name: str):
     """The compiled extension `name` (from `<name>.cpp` here), or None if it cannot be built."""
     if name in _modules:
         return _modules[name]
     module = None
-    if os.environ.get("PIPELINE_DISABLE_CPP_KERNELS", "0") != "1":
+    if os.environ.get("PIPELINE_DISABLE_CPP_KERNELS", "0") != "1" and not reference_forced():
         try:
             from torch.utils.cpp_extension import load as build
 
@@ -64,18 +116,12 @@ def load(name: str):
             key = source.read_bytes() + torch.__version__.encode() + " ".join(flags).encode()
             if "-march=native" in flags:
                 key += _cpu_identity()
-            digest = hashlib.sha256(key).hexdigest()[:10]
-            # Built from a copy of the source inside the build folder: ninja also rebuilds when the
-            # source's *path* changes, so two checkouts of the same version would rebuild each other's.
-            build_dir = _build_root() / f"pipeline_{name}_{digest}"
-            build_dir.mkdir(parents=True, exist_ok=True)
-            stable = build_dir / f"{name}.cpp"
-            if not stable.is_file() or stable.read_bytes() != source.read_bytes():
-                tmp = build_dir / f".{name}.cpp.{os.getpid()}"
-                tmp.write_bytes(source.read_bytes())
-                os.replace(tmp, stable)  # ranks building at once each write a whole file
-            module = build(name=f"pipeline_{name}_{digest}", sources=[str(stable)], extra_cflags=flags,
-                           build_directory=str(build_dir), verbose=False)
+            build_name = f"pipeline_{name}_{hashlib.sha256(key).hexdigest()[:10]}"
+            if not _built(build_name):
+                log.info("compiling the C++ %s kernel (%s, %s): once per machine and source version, about a "
+                         "minute; later runs load the cached build", name, source.name, " ".join(flags))
+            module = build(name=build_name, sources=[str(_stable_source(source, build_name))], extra_cflags=flags,
+                           verbose=False)
         except Exception as err:  # a missing compiler must not stop training: say so once, run slower
             log.warning("could not build the fused %s kernel (%s); using the tensor-op path instead", name,
                         str(err).splitlines()[0] if str(err) else type(err).__name__)
