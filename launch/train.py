@@ -33,7 +33,7 @@ from pipeline.engine.setup import (check_precision_supported, configure_cpu_thre
                                    initialize, load_deepspeed_config, precision_of)
 from pipeline.flops import MFU
 from pipeline.metrics import MetricsSink, bits_per_byte, peak_memory_gb, read_metrics, setup_logging
-from pipeline.model import HybridLM
+from pipeline.model import build_model
 from pipeline.progress import Progress
 from pipeline.run_config import parse_run_config
 
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
 
     # ---- model and engine: identical initial weights on every rank, then per-rank dropout streams
     torch.manual_seed(cfg.train.seed)
-    model = HybridLM(cfg.model)
+    model = build_model(cfg.model)
     torch.manual_seed(cfg.train.seed + 1 + rank)
     engine, scheduler = initialize(model, ds_config, cfg.train, continual.lr_scheduler if continual else None,
                                    plasticity=cfg.plasticity)  # with plasticity.meta: the metaplastic optimizer

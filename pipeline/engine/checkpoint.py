@@ -446,7 +446,7 @@ def load_for_inference(run_dir: str, tag: Optional[str] = None):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from pipeline.config import ModelConfig
-    from pipeline.model import HybridLM
+    from pipeline.model import build_model
 
     checkpoints = Checkpointer(run_dir)
     tag = tag or checkpoints.latest_tag()
@@ -456,7 +456,7 @@ def load_for_inference(run_dir: str, tag: Optional[str] = None):
     saved = torch.load(model_states, map_location="cpu", weights_only=False)
     run_config = saved["run_config"]
     model_config = ModelConfig(**run_config["model"])
-    model = HybridLM(model_config)
+    model = build_model(model_config)
     # The fp32 master weights live in the ZeRO optimizer partitions; the module copy may be fp16/bf16.
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints.dir), tag=tag)
     model.load_state_dict(state)
