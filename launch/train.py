@@ -23,6 +23,7 @@ from pipeline import comm
 from pipeline.config import ConfigError
 from pipeline.continual import ContinualRun
 from pipeline.data import DataError, PackedReader
+from pipeline.engine.budget import TrainClock
 from pipeline.engine.checkpoint import (BEST_TAG, BestCheckpoint, CheckpointError, Checkpointer, ClientState,
                                         RunConfigRecord)
 from pipeline.engine.evaluation import evaluate, lm_loss
@@ -110,6 +111,8 @@ def main(argv=None) -> int:
     states.register("run_config", run_config)
     best = BestCheckpoint()
     states.register("best", best, optional=True)  # checkpoints from before `best` existed still resume
+    clock = TrainClock(cfg.train.max_seconds)  # training tokens and seconds; the train.max_seconds stop
+    states.register("clock", clock, optional=True)
     if continual is not None:  # the schedule, replay buffer, EWC and task matrix
         continual.attach(engine, guard)
         continual.register(states)
@@ -137,7 +140,7 @@ def main(argv=None) -> int:
         log.info("eval step %d: loss %.4f  ppl %.2f  acc %.3f%s  (%d tokens)", step, result["loss"],
                  result["perplexity"], result["accuracy"], f"  bpb {result['bpb']:.4f}" if "bpb" in result else "",
                  result["tokens"])
-        metrics.write("eval", step, result)
+        metrics.write("eval", step, {**result, **clock.totals()})
         # A continual schedule evaluates each task on its own data: its losses do not rank checkpoints.
         if cfg.train.keep_best and continual is None and best.improved(step, result["loss"]):
             log.info("best validation loss so far: checkpoint %s", checkpointer.save(engine, step, tag=BEST_TAG))
@@ -202,8 +205,9 @@ def main(argv=None) -> int:
             metrics.write("overflow", step, overflow)
         steps_since_log += 1
         train_seconds += time.time() - t_step
+        out_of_time = clock.tick(tokens_per_step, time.time() - t_step)  # collective
 
-        if step % cfg.train.log_interval == 0 or step == cfg.train.max_steps:
+        if step % cfg.train.log_interval == 0 or step == cfg.train.max_steps or out_of_time:
             mean_loss = comm.all_reduce(loss_sum, out_device="cpu").item() / (world_size * steps_since_log * gas)
             grad_norm = engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else None
@@ -226,7 +230,7 @@ def main(argv=None) -> int:
 
         if continual is not None:
             continual.after_step(step)  # replay feed; after a task's last step its end hooks, before any checkpoint
-        last = step == cfg.train.max_steps
+        last = step == cfg.train.max_steps or out_of_time
         stopping = cfg.train.exit_after_steps and step - start_step >= cfg.train.exit_after_steps
         preempted = preemption.requested()  # every rank, every step: one all-reduce of one number
         if preempted and not last:
@@ -240,6 +244,10 @@ def main(argv=None) -> int:
             run_eval(step)
         if step % cfg.train.checkpoint_interval == 0 or last or stopping:
             save(step)
+        if out_of_time and step < cfg.train.max_steps:
+            log.info("train.max_seconds=%g reached at step %d (%.1f s of training)", cfg.train.max_seconds, step,
+                     clock.seconds)
+            break
         if stopping and not last:
             log.info("exit_after_steps=%d reached at step %d; resume with --train.resume auto",
                      cfg.train.exit_after_steps, step)

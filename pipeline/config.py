@@ -221,6 +221,10 @@ class TrainConfig:
     """Seed of parameter initialisation and dropout."""
     resume: str = "none"
     """`auto`: continue from the newest checkpoint in out_dir if there is one; `none`; or a checkpoint folder."""
+    max_seconds: float = 0.0
+    """Stop after this many seconds spent in training steps (evaluation and checkpoints not counted; 0: no limit),
+    at the same step on every rank, with the last step's evaluation and checkpoint. The LR schedule still spans
+    max_steps: set max_steps to what fits in the time (`python -m pipeline.compare --budget seconds:S` does)."""
     exit_after_steps: int = 0
     """Checkpoint and stop after this many steps of this invocation (0: off); for time-boxed batch jobs."""
     deterministic: bool = False
@@ -237,6 +241,7 @@ class TrainConfig:
         _require(self.lr > 0, f"train.lr must be positive, got {self.lr}")
         _require(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio must lie in [0, 1]")
         _require(self.warmup_steps >= 0, "train.warmup_steps must be non-negative")
+        _require(self.max_seconds >= 0, f"train.max_seconds must be 0 (no limit) or positive, got {self.max_seconds}")
         for name in ("eval_interval", "checkpoint_interval", "log_interval"):
             _require(getattr(self, name) > 0, f"train.{name} must be positive")
         for name in self.preemption_signals:
