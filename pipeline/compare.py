@@ -9,7 +9,7 @@
 2. The budget becomes each run's `train.max_steps` (the LR schedule spans it): `tokens:N` the same steps for both,
    `flops:F` N = F / (training FLOPs per token, `pipeline/flops.py`) for each model, `seconds:S` equal time in
    training steps (`train.max_seconds`), the steps estimated from a short calibration run of each model
-   (x 1.1, so the clock, not the schedule, ends the run).
+   (x `--seconds_headroom` 1.1, so the clock, not the schedule, ends the run).
 3. Each model trains at every learning rate of `--lrs` through `deepspeed launch/train.py` (any `--num_procs`,
    any `--deepspeed_config`), the two models taking turns, so a change in the machine's load hits both; the run
    with the lowest final validation loss is each model's result.
@@ -46,7 +46,6 @@ from pipeline.run_config import RunConfig, parse_run_config
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("hybrid", "transformer")
 MATCH_TOLERANCE = 0.05
-SECONDS_HEADROOM = 1.1  # steps planned beyond the calibrated estimate: the time limit must end the run
 
 
 # ---- sizing ------------------------------------------------------------------------------------
@@ -352,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_procs", type=int, default=2, help="processes (GPUs, or CPU ranks) per run")
     p.add_argument("--evals", type=int, default=8, help="evaluations over each run (for the curves)")
     p.add_argument("--calibration_steps", type=int, default=8, help="seconds: steps of each calibration run")
+    p.add_argument("--seconds_headroom", type=float, default=1.1,
+                   help="seconds: the LR schedule spans this x the steps the calibration predicts, so the time "
+                        "limit, not the schedule's end, stops the run")
     p.add_argument("--launcher_args", default="", help="extra arguments of the deepspeed launcher, e.g. "
                                                        "'--hostfile hosts --num_nodes 2'")
     p.add_argument("--run_timeout", type=float, default=None, help="seconds after which a run is killed")
@@ -398,10 +400,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         max_seconds = amount
         for m in MODELS:
             rate = calibrate(base, configs[m], launch, out, args.calibration_steps)
-            steps[m] = max(1, math.ceil(amount * rate * SECONDS_HEADROOM / per_step))
+            steps[m] = max(1, math.ceil(amount * rate * args.seconds_headroom / per_step))
             print(f"calibration: the {m} trains {rate:.1f} tokens/s here; LR schedule over {steps[m]} steps", flush=True)
         meaning = (f"{amount:g} s in training steps for each model (`train.max_seconds`; evaluation and checkpoints "
-                   f"not counted); the LR schedule spans {SECONDS_HEADROOM:g} x the steps a calibration run predicts "
+                   f"not counted); the LR schedule spans {args.seconds_headroom:g} x the steps a calibration run predicts "
                    f"({steps['hybrid']} hybrid, {steps['transformer']} Transformer)")
     print(f"budget: {meaning}", flush=True)
 

@@ -54,13 +54,14 @@ def run_group(cmd: list[str], env: dict, timeout: int = 900) -> subprocess.Compl
 
 
 def train(data_dir: Path, run_dir: Path, *overrides: str, ds_config: str | Path = "ds_configs/cpu.json",
-          num_procs: int = 2, expect_rc: int = 0) -> subprocess.CompletedProcess:
+          num_procs: int = 2, expect_rc: int = 0, preset: str | Path = "launch/presets/tiny.yaml"
+          ) -> subprocess.CompletedProcess:
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
     assert launcher, "the deepspeed launcher is not on PATH"
     port = free_port()
     cmd = [launcher, "--num_gpus", str(num_procs), "--master_port", str(port),
            str(ROOT / "launch/train.py"), "--deepspeed_config", str(ROOT / ds_config),
-           "--config", str(ROOT / "launch/presets/tiny.yaml"),
+           "--config", str(ROOT / preset),
            "--data.data_dir", str(data_dir), "--train.out_dir", str(run_dir),
            "--train.log_interval", "1", *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
