@@ -85,3 +85,13 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 def quarantine_records(run_dir: Path) -> list[dict]:
     path = run_dir / "skipped_batches.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def generate_text(run_dir: Path, prompt: str = "def ", max_new_tokens: int = 8) -> str:
+    """launch/generate.py on a trained run folder; fails the test unless it exits 0 and prints text."""
+    out = subprocess.run([sys.executable, str(ROOT / "launch/generate.py"), "--checkpoint", str(run_dir),
+                          "--prompt", prompt, "--max_new_tokens", str(max_new_tokens), "--seed", "0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip()
+    return out.stdout

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from dsrun import ROOT, tiny_data, train, train_losses  # noqa: F401  (tiny_data is a fixture)
+from dsrun import ROOT, generate_text, tiny_data, train, train_losses  # noqa: F401  (tiny_data is a fixture)
 from pipeline.compare import main as compare_main, validation_digest
 from pipeline.metrics import read_metrics
 
@@ -115,8 +113,8 @@ def transformer_preset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def fp16_transformer(tiny_data, transformer_preset, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "transformer-fp16"
-    train(tiny_data, run_dir, preset=transformer_preset, "--train.max_steps", "12", "--train.checkpoint_interval", "6",
-          "--train.eval_interval", "6", "--train.allow_cpu_fp16", "true", ds_config="ds_configs/fp16_stable.json")
+    train(tiny_data, run_dir, "--train.max_steps", "12", "--train.checkpoint_interval", "6", "--train.eval_interval", "6",
+          "--train.allow_cpu_fp16", "true", ds_config="ds_configs/fp16_stable.json", preset=transformer_preset)
     return run_dir
 
 
@@ -144,8 +142,4 @@ def test_transformer_resumes_bit_exactly(tiny_data, transformer_preset, fp16_tra
 
 
 def test_transformer_checkpoint_generates_text(fp16_transformer):
-    out = subprocess.run([sys.executable, str(ROOT / "launch/generate.py"), "--checkpoint", str(fp16_transformer),
-                          "--prompt", "def ", "--max_new_tokens", "8", "--seed", "0"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip()
+    generate_text(fp16_transformer)

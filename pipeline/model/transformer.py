@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from pipeline.config import ModelConfig
 
 from .attention import CausalAttention, RMSNorm, rotary_tables
-from .hybrid import HybridLM
+from .hybrid import HybridLM, output_head, run_layers
 
 
 def ffn_dim(cfg: ModelConfig) -> int:
@@ -57,8 +57,8 @@ class TransformerBlock(nn.Module):
     def init_state(self, batch: int, device, dtype, max_len: int = 0) -> dict:
         return self.attn.init_state(batch, device, dtype, max_len)
 
-    def forward(self, x: Tensor, rotary: Tuple[Tensor, Tensor], state: Optional[dict] = None,
-                return_state: bool = False) -> Tuple[Tensor, Optional[dict]]:
+    def forward(self, x: Tensor, state: Optional[dict], return_state: bool, rotary: Tuple[Tensor, Tensor]
+                ) -> Tuple[Tensor, Optional[dict]]:
         y, cache = self.attn(self.attn_norm(x), None, state, return_state, rotary=rotary)
         x = x + self.dropout(y)
         return x + self.dropout(self.mlp(self.mlp_norm(x))), cache
@@ -80,11 +80,7 @@ class TransformerLM(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList([TransformerBlock(cfg, out_std) for _ in range(cfg.num_layers)])
         self.norm_f = RMSNorm(H)
-        self.lm_head = nn.Linear(H, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
-        else:
-            nn.init.normal_(self.lm_head.weight, std=0.02)
+        self.lm_head = output_head(cfg, self.embed)
 
     def forward(self, input_ids: Tensor, state: Optional[dict] = None, return_state: bool = False):
         """input_ids (B, T) -> logits (B, T, V); with ``return_state`` returns (logits, state), the state
@@ -93,11 +89,7 @@ class TransformerLM(nn.Module):
         pos0 = state["pos"] if state is not None else 0
         x = self.drop(self.embed(input_ids))
         rotary = rotary_tables(torch.arange(pos0, pos0 + T, device=input_ids.device), self.head_dim, x.dtype)
-        layer_states = state["layers"] if state is not None else [None] * len(self.layers)
-        new_states = []
-        for layer, st in zip(self.layers, layer_states):
-            x, ns = layer(x, rotary, st, return_state)
-            new_states.append(ns)
+        x, new_states = run_layers(self.layers, x, state, return_state, rotary=rotary)
         logits = self.lm_head(self.norm_f(x))
         if return_state:
             return logits, {"pos": pos0 + T, "layers": new_states}
