@@ -156,7 +156,8 @@ class Launcher:
                "--config", str(config_path)]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
-            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+            # In the caller's folder: relative paths of the preset (data_dir, out_dir) mean what they meant here.
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True)
             try:
                 return proc.wait(timeout=timeout)
@@ -250,7 +251,7 @@ def hardware(launch: Launcher) -> dict:
 
     info = {"host": platform.node(), "cpu": _cpu_name(), "cores": len(os.sched_getaffinity(0))
             if hasattr(os, "sched_getaffinity") else os.cpu_count(), "processes": launch.num_procs,
-            "deepspeed_config": launch.deepspeed_config, "torch": torch.__version__}
+            "deepspeed_config": os.path.relpath(launch.deepspeed_config), "torch": torch.__version__}
     if torch.cuda.is_available():
         info["gpu"] = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
     return info
@@ -373,7 +374,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     lrs = parse_lrs(args.lrs) if args.lrs else [base.train.lr]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    launch = Launcher(args.num_procs, base.deepspeed_config, args.launcher_args.split())
+    launch = Launcher(args.num_procs, str(Path(base.deepspeed_config).resolve()), args.launcher_args.split())
     seq = base.data.sequence_length
 
     hybrid_sizes = parameter_counts(base.model)
