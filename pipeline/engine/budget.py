@@ -7,8 +7,8 @@ evaluation record (`train_tokens`, `train_seconds`), which is what `python -m pi
 validation bits per byte against.
 
 The stop is a collective decision: every rank measures its own time, the ranks agree on the largest
-(one all-reduce of one number per step, only when `max_seconds` is set), and all of them stop after the
-same step.
+(one all-reduce of one number per step, only when `max_seconds` is set) and keep it, and all of them stop
+after the same step.
 """
 from __future__ import annotations
 
@@ -31,8 +31,9 @@ class TrainClock:
         self.seconds += seconds
         if not self.max_seconds:
             return False
-        elapsed = comm.all_reduce(torch.tensor([self.seconds], dtype=torch.float64), op="max").item()
-        return elapsed >= self.max_seconds
+        # Every rank adopts the slowest rank's clock: one clock for the run, the same on every rank.
+        self.seconds = comm.all_reduce(torch.tensor([self.seconds], dtype=torch.float64), op="max").item()
+        return self.seconds >= self.max_seconds
 
     def totals(self) -> dict:
         return {"train_tokens": self.tokens, "train_seconds": self.seconds}
