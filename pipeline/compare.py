@@ -281,6 +281,8 @@ def verdict(results: dict, budget: str) -> str:
     h, t = results["hybrid"], results["transformer"]
     key, unit = ("bpb", "bits per byte") if h.get("bpb") and t.get("bpb") else ("val_loss", "validation loss")
     diff = 100 * (t[key] - h[key]) / t[key]
+    if abs(diff) < 0.005:  # equal in the digits reported
+        return f"At equal {budget}, the two are level: {unit} {h[key]:.4f} (hybrid) and {t[key]:.4f} (Transformer)."
     who = "hybrid" if diff > 0 else "Transformer"
     return (f"At equal {budget}, the {who} is better: {unit} {h[key]:.4f} (hybrid) vs {t[key]:.4f} (Transformer), "
             f"the hybrid {abs(diff):.2f} % {'lower' if diff > 0 else 'higher'}.")
