@@ -5,11 +5,12 @@ PY := $(VENV)/bin/python
 DEMO_DATA ?= data/demo
 DEMO_RUN ?= outputs/demo
 CONTINUAL_RUN ?= outputs/continual-demo
+COMPARE_OUT ?= outputs/compare
 NUM_PROCS ?= 2
 # A free port, so the demo does not collide with another job on this machine (DeepSpeed's default is 29500).
 MASTER_PORT ?= $(shell $(PYTHON) -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 
-.PHONY: setup extras demo demo-data continual-demo test bench clean
+.PHONY: setup extras demo demo-data continual-demo compare test bench clean
 
 setup: $(VENV)/.installed
 
@@ -37,6 +38,13 @@ continual-demo: demo-data
 	  --deepspeed_config ds_configs/cpu.json --config launch/presets/continual_demo.yaml \
 	  --data.data_dir $(DEMO_DATA) --train.out_dir $(CONTINUAL_RUN)
 	@echo "task x task matrix: $(CONTINUAL_RUN)/task_matrix.json (and .csv); heatmap: $(CONTINUAL_RUN)/task_matrix.png"
+
+# The hybrid against a Transformer of the same non-embedding size on the demo corpus, equal tokens, 2 LRs each.
+compare: demo-data
+	rm -rf $(COMPARE_OUT)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pipeline.compare --config launch/presets/demo.yaml \
+	  --data.data_dir $(DEMO_DATA) --deepspeed_config ds_configs/cpu.json --num_procs $(NUM_PROCS) \
+	  --budget tokens:300000 --lrs 2e-3,4e-3 --out $(COMPARE_OUT)
 
 # Optional packages for the export, lm-eval and W&B (requirements-extras.txt); `make demo` does not need them.
 extras: $(VENV)/.extras

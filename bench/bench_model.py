@@ -53,7 +53,7 @@ from pipeline.comm import free_port  # noqa: E402
 from pipeline.config import ModelConfig  # noqa: E402
 from pipeline.metrics import read_metrics  # noqa: E402
 from pipeline.flops import measure_peak_flops, model_flops_per_token  # noqa: E402
-from pipeline.model import HybridLM  # noqa: E402
+from pipeline.model import HybridLM, build_model  # noqa: E402
 from pipeline.model.hybrid import HybridBlock  # noqa: E402
 
 FLOP_DEFINITION = ("FLOPs per token: pipeline/flops.py for the hybrid (2 per matmul weight, attention 4*T*H "
@@ -407,7 +407,7 @@ def loop_overhead(cfg: ModelConfig, B: int, T: int, *, data_dir: Path, out_dir: 
     (the medians are printed beside them; on a quiet machine the two agree)."""
     def bare() -> List[float]:
         torch.manual_seed(0)
-        model = HybridLM(cfg).to(device=device, dtype=dtype)
+        model = build_model(cfg).to(device=device, dtype=dtype)
         # The trainer's optimizer: torch's AdamW (not fused) over the same parameter groups.
         times = time_steps(model, make_optimizer(model, fused=False), cfg.vocab_size, B, T, reps=reps)
         del model
@@ -468,7 +468,7 @@ def run(args) -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, fp32; {load_note()}", flush=True)
     peak = Peak("cpu", torch.float32)
     cfg = hybrid_config(args.hidden, args.vocab)
-    hybrid = HybridLM(cfg)
+    hybrid = build_model(cfg)
     n = num_params(hybrid)
     base = matched_transformer(cfg, n)
     print(f"hybrid: production preset, hidden {cfg.hidden_dim}, vocab {cfg.vocab_size}, dropout 0: "
@@ -528,7 +528,7 @@ def profile(spec: str, args) -> None:
     T = int(seq)
     torch.set_num_threads(args.threads)
     cfg = hybrid_config(int(width) if width else args.hidden, args.vocab)
-    model = HybridLM(cfg)
+    model = build_model(cfg)
     B = dict((t, b) for t, b in parse_points(args.points)).get(T, max(1, 2048 // T))
     opt = make_optimizer(model)
     time_steps(model, opt, cfg.vocab_size, B, T, reps=0, warmup=1)
@@ -618,7 +618,7 @@ def stdp_components(t_fb) -> None:
     demo = yaml.safe_load((ROOT / "launch/presets/demo.yaml").read_text())["model"]
     cfg = ModelConfig(**demo)
     ids = torch.randint(0, cfg.vocab_size, (8, 128))
-    plain, plastic = HybridLM(cfg), HybridLM(cfg)
+    plain, plastic = build_model(cfg), build_model(cfg)
     stdp = STDP(PlasticityConfig(stdp="homeostatic"), plastic)
 
     def demo_step(model, with_stdp):

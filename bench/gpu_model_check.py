@@ -34,7 +34,7 @@ from bench.bench_model import (FLOP_DEFINITION, Peak, breakdown, flops_per_token
                                loop_overhead, make_optimizer, matched_transformer, num_params, parse_points,
                                print_breakdown, print_loop, time_interleaved)
 from pipeline.flops import gpu_peak_flops  # noqa: E402
-from pipeline.model import HybridLM  # noqa: E402
+from pipeline.model import build_model  # noqa: E402
 from pipeline.model.mamba import Mamba, cuda_kernels  # noqa: E402
 
 RESULTS: dict = {}
@@ -54,7 +54,7 @@ def set_backend(model, backend: str) -> None:
 def parity(width: int, vocab: int, T: int, tol: float) -> bool:
     torch.manual_seed(0)
     cfg = hybrid_config(width, vocab)
-    model = HybridLM(cfg).cuda()
+    model = build_model(cfg).cuda()
     ok = True
     x = torch.randn(2, T, cfg.hidden_dim, device="cuda")
     for i, m in enumerate(mm for mm in model.modules() if isinstance(mm, Mamba)):
@@ -83,7 +83,7 @@ def parity(width: int, vocab: int, T: int, tol: float) -> bool:
         b = model(ids)
     # Informational: a 1e-6 difference can flip a spike that sits on its threshold downstream.
     print(f"  width {width} whole model logits T={T}: rel {rel(a, b):.2e} (informational)")
-    cpu = HybridLM(cfg)
+    cpu = build_model(cfg)
     model.load_state_dict(cpu.state_dict())
     with torch.no_grad():
         set_backend(model, "auto")
@@ -107,7 +107,7 @@ def speed(cfg, points, device="cuda", amp=torch.bfloat16, reps: int = 5, warmup:
     peak = Peak(device, amp or torch.float32)
     sheet = gpu_peak_flops(name, amp or torch.float32) if cuda else None
     torch.manual_seed(0)
-    hybrid = HybridLM(cfg).to(device)
+    hybrid = build_model(cfg).to(device)
     base = matched_transformer(cfg, num_params(hybrid)).to(device)
     backends = {"auto": (["cuda"] if cuda and cuda_kernels() else []) + ["torch"], "torch": ["torch"],
                 "cuda": ["cuda"]}[backends]

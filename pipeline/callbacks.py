@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from pipeline import comm
+from pipeline.engine.budget import TrainClock
 from pipeline.engine.checkpoint import BEST_TAG, BestCheckpoint
 from pipeline.engine.preemption import PREEMPTED_EXIT_CODE, Preemption
 from pipeline.engine.stability import BatchGuard, Drill, LossScaleWatch, describe_skip_counts
@@ -29,7 +30,7 @@ def default_callbacks(trainer) -> list:
         from pipeline.plasticity import Plasticity
 
         callbacks.append(Plasticity(cfg.plasticity, trainer.engine, trainer.model))
-    callbacks += [Schedule(trainer), trainer.preemption]
+    callbacks += [TrainBudget(trainer), Schedule(trainer), trainer.preemption]
     if cfg.train.wandb and trainer.rank == 0:  # after TrainLog: its report's plots go to W&B at the end
         callbacks.append(WandbCallback(trainer))
     for callback in callbacks if continual is not None else ():
@@ -169,6 +170,42 @@ class TrainLog(Callback):
             except Exception as err:  # a plotting problem must not fail a finished run
                 log.warning("the run report could not be written (%s: %s); retry with python -m pipeline.report %s",
                             type(err).__name__, err, run_dir)
+
+
+class TrainBudget(Callback):
+    """Training tokens and seconds (pipeline/engine/budget.py) in every eval record, and the train.max_seconds stop:
+    a collective decision, so every rank evaluates, checkpoints and stops after the same step."""
+
+    def __init__(self, trainer):
+        self.clock = TrainClock(trainer.cfg.train.max_seconds)
+        self.tokens_per_step = (trainer.micro_batch * trainer.engine.gradient_accumulation_steps() *
+                                trainer.world_size * trainer.cfg.data.sequence_length)
+        self.out_of_time, self.started = False, 0.0
+
+    def states(self) -> list:
+        return [("clock", self.clock, True)]  # optional: checkpoints from before it existed still resume
+
+    def on_step_start(self, step: int) -> None:
+        self.started = time.time()
+
+    def on_step_done(self, step: int) -> None:
+        self.out_of_time = self.clock.tick(self.tokens_per_step, time.time() - self.started)  # collective
+
+    def eval_record(self, step: int) -> dict:
+        return self.clock.totals()
+
+    def should_evaluate(self, step: int) -> bool:
+        return self.out_of_time
+
+    def should_save(self, step: int) -> bool:
+        return self.out_of_time
+
+    def should_stop(self, step: int):
+        if self.out_of_time:
+            log.info("train.max_seconds=%g reached at step %d (%.1f s of training)", self.clock.max_seconds, step,
+                     self.clock.seconds)
+            return "stopped"
+        return False
 
 
 class Schedule(Callback):

@@ -22,8 +22,13 @@ def _require(condition: bool, message: str) -> None:
 
 @dataclass
 class ModelConfig:
-    """Architecture of `pipeline.model.HybridLM` (field names follow the old trainer's flags)."""
+    """Architecture of the model built by `pipeline.model.build_model`: the hybrid (`pipeline.model.HybridLM`, field
+    names follow the old trainer's flags) or the baseline Transformer (`pipeline.model.TransformerLM`)."""
 
+    arch: Literal["hybrid", "transformer"] = "hybrid"
+    """`hybrid`: the liquid / spiking / Mamba model. `transformer`: the baseline to compare it with (pre-norm RMSNorm,
+    rotary positions, SwiGLU MLP, causal attention, no biases; it reads vocab_size, hidden_dim, num_layers,
+    num_attention_heads, ffn_dim, dropout and tie_embeddings, and refuses the hybrid's own options)."""
     vocab_size: int = 8000
     """Number of token ids; must equal the tokenizer's vocabulary (checked against the data manifest)."""
     hidden_dim: int = 128
@@ -86,8 +91,24 @@ class ModelConfig:
     """Share the token embedding with the output head."""
     max_position_embeddings: int = 0
     """Learned absolute positions up to this length (0: none; the recurrences carry position)."""
+    ffn_dim: int = 0
+    """`arch: transformer`: inner width of the SwiGLU MLP (0: 8/3 x hidden_dim rounded up to a multiple of 16);
+    `python -m pipeline.compare` sets it to match the hybrid's parameter count."""
 
     def __post_init__(self) -> None:
+        _require(self.ffn_dim >= 0, f"model.ffn_dim must be 0 (default width) or positive, got {self.ffn_dim}")
+        if self.arch == "transformer":
+            defaults = ModelConfig.__dataclass_fields__
+            for name in HYBRID_ONLY_FIELDS:
+                _require(getattr(self, name) == defaults[name].default,
+                         f"model.{name} is an option of model.arch=hybrid only; remove it for model.arch=transformer")
+            heads = self.num_attention_heads
+            _require(heads > 0 and self.hidden_dim % heads == 0 and (self.hidden_dim // heads) % 2 == 0,
+                     f"model.num_attention_heads ({self.num_attention_heads}) must divide model.hidden_dim "
+                     f"({self.hidden_dim}) into heads of even width (rotary positions rotate pairs)")
+        else:
+            _require(self.ffn_dim == 0, "model.ffn_dim is an option of model.arch=transformer only; remove it for "
+                     "model.arch=hybrid")
         _require(self.vocab_size > 0, f"model.vocab_size must be positive, got {self.vocab_size}")
         _require(self.hidden_dim > 0 and self.num_layers > 0,
                  "model.hidden_dim and model.num_layers must be positive")
@@ -122,6 +143,14 @@ class ModelConfig:
                  "(sequential has a single stream)")
         _require(self.use_mamba or not self.use_adaptive_gating,
                  "model.use_adaptive_gating fuses the liquid and Mamba streams, so it needs model.use_mamba=true")
+
+
+# What only the hybrid reads: a Transformer config that sets any of these (to other than its default) is refused.
+HYBRID_ONLY_FIELDS = ("liquid_units", "liquid_backbone", "spiking_units", "spike_threshold", "beta", "num_spike_steps",
+                      "spike_reset", "surrogate", "surrogate_slope", "attention_every", "use_mamba", "integration_mode",
+                      "mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_backend", "spike_to_mamba_method",
+                      "spike_temporal_tau", "spike_rate_window", "use_adaptive_gating", "num_gate_heads",
+                      "use_cross_attention", "cross_attn_heads", "max_position_embeddings")
 
 
 @dataclass
@@ -205,6 +234,10 @@ class TrainConfig:
     """Seed of parameter initialisation and dropout."""
     resume: str = "none"
     """`auto`: continue from the newest checkpoint in out_dir if there is one; `none`; or a checkpoint folder."""
+    max_seconds: float = 0.0
+    """Stop after this many seconds spent in training steps (evaluation and checkpoints not counted; 0: no limit),
+    at the same step on every rank, with the last step's evaluation and checkpoint. The LR schedule still spans
+    max_steps: set max_steps to what fits in the time (`python -m pipeline.compare --budget seconds:S` does)."""
     exit_after_steps: int = 0
     """Checkpoint and stop after this many steps of this invocation (0: off); for time-boxed batch jobs."""
     deterministic: bool = False
@@ -226,6 +259,7 @@ class TrainConfig:
         _require(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio must lie in [0, 1]")
         _require(self.warmup_steps >= 0, "train.warmup_steps must be non-negative")
         _require(self.collective_timeout_s > 0, "train.collective_timeout_s must be positive")
+        _require(self.max_seconds >= 0, f"train.max_seconds must be 0 (no limit) or positive, got {self.max_seconds}")
         for name in ("eval_interval", "checkpoint_interval", "log_interval"):
             _require(getattr(self, name) > 0, f"train.{name} must be positive")
         for name in self.preemption_signals:

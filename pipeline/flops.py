@@ -1,4 +1,4 @@
-"""Model FLOPs per token of the hybrid LM, the peak it is measured against, and MFU.
+"""Model FLOPs per token of the hybrid LM (and of the baseline Transformer), the peak it is measured against, and MFU.
 
 MFU (model FLOPs utilisation, PaLM appendix B) = model FLOPs per token x tokens/s / peak FLOP/s.
 "Model FLOPs" are what the architecture needs, not what the kernels happen to execute:
@@ -50,9 +50,22 @@ GPU_PEAKS = {
 }
 
 
+def transformer_flops_breakdown(cfg: ModelConfig, sequence_length: int) -> dict:
+    """Forward FLOPs per token of `TransformerLM(cfg)` by kind, counted as for the hybrid: per layer the q, kv
+    and out projections (4 H^2 weights), the SwiGLU's gate, up and down (3 H F), attention 4 T H; the head."""
+    from pipeline.model.transformer import ffn_dim
+
+    H, T = cfg.hidden_dim, sequence_length
+    per_layer = 2 * (4 * H * H + 3 * H * ffn_dim(cfg))
+    return {"matmul": float(cfg.num_layers * per_layer + 2 * H * cfg.vocab_size),
+            "attention": float(cfg.num_layers * 4 * T * H), "scan": 0.0}
+
+
 def flops_breakdown(cfg: ModelConfig, sequence_length: int) -> dict:
     """Forward FLOPs per token by kind: `matmul` (projections, head, conv), `attention` (QK^T and AV),
     `scan` (the recurrences). See the module docstring for what is counted."""
+    if cfg.arch == "transformer":
+        return transformer_flops_breakdown(cfg, sequence_length)
     H, S, L, T, K = cfg.hidden_dim, cfg.spiking_units, cfg.liquid_units, sequence_length, cfg.num_spike_steps
     E, N, R = cfg.mamba_expand * H, cfg.mamba_d_state, math.ceil(H / 16)
     mm = lambda i, o: 2 * i * o  # noqa: E731
@@ -87,7 +100,7 @@ def flops_breakdown(cfg: ModelConfig, sequence_length: int) -> dict:
 
 
 def model_flops_per_token(cfg: ModelConfig, sequence_length: int) -> float:
-    """Training (forward + backward = 3 x forward) FLOPs per token of `HybridLM(cfg)` at this length."""
+    """Training (forward + backward = 3 x forward) FLOPs per token of `build_model(cfg)` at this length."""
     return 3.0 * sum(flops_breakdown(cfg, sequence_length).values())
 
 

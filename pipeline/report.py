@@ -15,7 +15,8 @@ What is read from a run folder:
     and micro_batches_trained; mfu, peak_memory_gb; model observables `spike_rate/layer<i>`,
     `spike_rate/mean`, `gate/layer<i>`, `liquid_tau/layer<i>` (with optional `liquid_tau_min/...`,
     `liquid_tau_max/...`); `task` (name of the current task of a continual schedule).
-  - `eval`: loss, perplexity, accuracy, tokens, bpb (bits per byte, optional).
+  - `eval`: loss, perplexity, accuracy, tokens, bpb (bits per byte, optional); train_tokens and
+    train_seconds (the training tokens and seconds in training steps so far).
   - `overflow`: an optimizer step skipped by the fp16 loss scaler: scale_before, scale_after,
     hysteresis_left.
   - `task_eval` (continual schedules): `after_task` (the task just trained), `task` (the task
@@ -63,12 +64,12 @@ class Run:
     config: dict = field(default_factory=dict)
     bad_lines: int = 0
 
-    def series(self, kind: str, key):
-        """(steps, values) of the records of `kind` that hold a number under `key` (or for which the
-        function `key` of the record returns one)."""
+    def series(self, kind: str, key, x: str = "step"):
+        """(x values, values) of the records of `kind` that hold a number under `key` (or for which the
+        function `key` of the record returns one) and under `x` (default: the step)."""
         value = key if callable(key) else (lambda r: _num(r.get(key)))
-        pairs = [(r["step"], value(r)) for r in self.records.get(kind, [])]
-        pairs = [(s, v) for s, v in pairs if v is not None]
+        pairs = [(r["step"] if x == "step" else _num(r.get(x)), value(r)) for r in self.records.get(kind, [])]
+        pairs = [(s, v) for s, v in pairs if s is not None and v is not None]
         return [s for s, _ in pairs], [v for _, v in pairs]
 
     def keys(self, kind: str, prefix: str) -> List[str]:
@@ -133,9 +134,9 @@ def _label(runs: Sequence[Run], run: Run, series: str) -> str:
     return series if len(runs) == 1 else f"{run.name} {series}"
 
 
-def _axes(fig: Figure, ylabel: str, title: str):
+def _axes(fig: Figure, ylabel: str, title: str, xlabel: str = "step"):
     ax = fig.subplots()
-    ax.set_xlabel("step")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -143,13 +144,14 @@ def _axes(fig: Figure, ylabel: str, title: str):
 
 
 def _lines(fig: Figure, runs: Sequence[Run], series: Sequence[tuple], ylabel: str, title: str,
-           log: bool = False) -> bool:
-    """series: (label, kind, key, marker) drawn for every run; False when none has any value."""
+           log: bool = False, x: str = "step", xlabel: str = "step") -> bool:
+    """series: (label, kind, key, marker) drawn for every run against the records' `x`; False when none has
+    any value."""
     drawn = []
-    ax = _axes(fig, ylabel, title)
+    ax = _axes(fig, ylabel, title, xlabel)
     for i, run in enumerate(runs):
         for k, (label, kind, key, marker) in enumerate(series):
-            steps, values = run.series(kind, key)
+            steps, values = run.series(kind, key, x)
             if steps:
                 ax.plot(steps, values, marker=marker, markersize=4, label=_label(runs, run, label),
                         **_style(runs, i, k))
@@ -212,6 +214,21 @@ def plot_bpb(fig, runs):
     if not _lines(fig, runs, [("validation", "eval", "bpb", "o")], "bits per UTF-8 byte",
                   "Validation bits per byte (comparable across tokenizers)"):
         return "no `bpb` in the eval records"
+    return None
+
+
+def plot_bpb_tokens(fig, runs):
+    if not _lines(fig, runs, [("validation", "eval", "bpb", "o")], "bits per UTF-8 byte",
+                  "Validation bits per byte against training tokens", x="train_tokens", xlabel="training tokens"):
+        return "no `bpb` with `train_tokens` in the eval records"
+    return None
+
+
+def plot_bpb_time(fig, runs):
+    if not _lines(fig, runs, [("validation", "eval", "bpb", "o")], "bits per UTF-8 byte",
+                  "Validation bits per byte against training time", x="train_seconds",
+                  xlabel="seconds in training steps (evaluation and checkpoints not counted)"):
+        return "no `bpb` with `train_seconds` in the eval records"
     return None
 
 
@@ -380,6 +397,8 @@ PLOTS: List[tuple[str, str, Callable]] = [
     ("loss", "Loss", plot_loss),
     ("perplexity", "Perplexity", plot_perplexity),
     ("bpb", "Validation bits per byte", plot_bpb),
+    ("bpb_tokens", "Validation bits per byte against training tokens", plot_bpb_tokens),
+    ("bpb_time", "Validation bits per byte against training time", plot_bpb_time),
     ("grad_norm", "Gradient norm", plot_grad_norm),
     ("loss_scale", "Loss scale and overflows", plot_loss_scale),
     ("skipped", "Skipped micro-batches", plot_skipped),

@@ -24,6 +24,8 @@ class RunConfig:
     plasticity: PlasticityConfig = dataclasses.field(default_factory=PlasticityConfig)
 
     def __post_init__(self) -> None:
+        if self.model.arch != "hybrid" and self.plasticity.stdp != "none":
+            raise ConfigError("plasticity.stdp acts on the hybrid's spiking synapses, so it needs model.arch=hybrid")
         # A continual schedule sums its tasks' steps (checked against max_steps when it is resolved at start).
         if not self.continual.enabled and self.train.max_steps <= 0:
             raise ConfigError("train.max_steps must be positive")

@@ -49,6 +49,7 @@ class Callback:
     def on_task_start(self, task) -> None: ...
     def should_interrupt(self, step: int): return False  # fit(): stop now (truthy; a str names the reason)
     def should_evaluate(self, step: int) -> bool: return False  # every should_* asks all (collectives inside)
+    def eval_record(self, step: int) -> dict: return {}  # extra fields of the eval record
     def on_evaluate(self, step: int, result: dict) -> None: ...
     def should_save(self, step: int) -> bool: return False
     def on_save(self, step: int, tag: Optional[str]) -> None: ...  # a checkpoint is complete on every rank
@@ -93,7 +94,7 @@ class Trainer:
         from pipeline.data import DataError, DataFingerprint, PackedReader
         from pipeline.engine.setup import (check_precision_supported, configure_cpu_threads, configure_determinism,
                                            initialize, load_deepspeed_config, precision_of)
-        from pipeline.model import HybridLM
+        from pipeline.model import build_model
 
         # ---- config: checked before any process group exists
         self.ds_config = ds_config = load_deepspeed_config(cfg.deepspeed_config, cfg.train)
@@ -128,7 +129,7 @@ class Trainer:
 
         # ---- model and engine: identical initial weights on every rank, then per-rank dropout streams
         torch.manual_seed(cfg.train.seed)
-        self.model = HybridLM(cfg.model)
+        self.model = build_model(cfg.model)  # model.arch: the hybrid, or the baseline Transformer
         torch.manual_seed(cfg.train.seed + 1 + self.rank)
         self.engine, self.scheduler = initialize(self.model, ds_config, cfg.train,
                                                  continual.lr_scheduler if continual else None,
@@ -234,6 +235,8 @@ class Trainer:
         log.info("eval step %d: loss %.4f  ppl %.2f  acc %.3f%s  (%d tokens)", step, result["loss"],
                  result["perplexity"], result["accuracy"], f"  bpb {result['bpb']:.4f}" if "bpb" in result else "",
                  result["tokens"])
+        for callback in self.callbacks:
+            result.update(callback.eval_record(step))
         self.metrics.write("eval", step, result)
         self._each("on_evaluate", step, result)
         return result

@@ -48,13 +48,14 @@ def run_group(cmd: list[str], env: dict, timeout: int = 900) -> subprocess.Compl
 
 
 def train(data_dir: Path, run_dir: Path, *overrides: str, ds_config: str | Path = "ds_configs/cpu.json",
-          num_procs: int = 2, expect_rc: int = 0) -> subprocess.CompletedProcess:
+          num_procs: int = 2, expect_rc: int = 0, preset: str | Path = "launch/presets/tiny.yaml"
+          ) -> subprocess.CompletedProcess:
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
     assert launcher, "the deepspeed launcher is not on PATH"
     port = free_port()
     cmd = [launcher, "--num_gpus", str(num_procs), "--master_port", str(port),
            str(ROOT / "launch/train.py"), "--deepspeed_config", str(ROOT / ds_config),
-           "--config", str(ROOT / "launch/presets/tiny.yaml"),
+           "--config", str(ROOT / preset),
            "--data.data_dir", str(data_dir), "--train.out_dir", str(run_dir),
            "--train.log_interval", "1", *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -78,3 +79,13 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 def quarantine_records(run_dir: Path) -> list[dict]:
     path = run_dir / "skipped_batches.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def generate_text(run_dir: Path, prompt: str = "def ", max_new_tokens: int = 8) -> str:
+    """launch/generate.py on a trained run folder; fails the test unless it exits 0 and prints text."""
+    out = subprocess.run([sys.executable, str(ROOT / "launch/generate.py"), "--checkpoint", str(run_dir),
+                          "--prompt", prompt, "--max_new_tokens", str(max_new_tokens), "--seed", "0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip()
+    return out.stdout

@@ -6,14 +6,12 @@ uninterrupted run has.
 """
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from dsrun import ROOT, tiny_data, train, train_losses  # noqa: F401  (tiny_data is a fixture)
+from dsrun import generate_text, tiny_data, train, train_losses  # noqa: F401  (tiny_data is a fixture)
 from pipeline.metrics import read_metrics
 
 pytestmark = pytest.mark.distributed
@@ -65,8 +63,4 @@ def test_resume_reproduces_the_uninterrupted_losses_exactly(tiny_data, uninterru
 
 
 def test_generate_from_trained_checkpoint(uninterrupted):
-    out = subprocess.run([sys.executable, str(ROOT / "launch/generate.py"), "--checkpoint", str(uninterrupted),
-                          "--prompt", "def ", "--max_new_tokens", "8", "--seed", "0"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip()
+    generate_text(uninterrupted)

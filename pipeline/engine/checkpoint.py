@@ -565,11 +565,11 @@ def load_for_inference(run_dir: str, tag: Optional[str] = None):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from pipeline.config import ModelConfig
-    from pipeline.model import HybridLM
+    from pipeline.model import build_model
 
     folder = checkpoint_folder(run_dir, tag)
     model_config = ModelConfig(**saved_run_config(folder)["model"])
-    model = HybridLM(model_config)
+    model = build_model(model_config)
     # The fp32 master weights live in the ZeRO optimizer partitions (any number of ranks); the module copy may
     # be fp16/bf16.
     state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)

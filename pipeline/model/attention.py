@@ -83,11 +83,16 @@ class CausalAttention(nn.Module):
                 "v": torch.empty(shape, device=device, dtype=dtype), "len": 0}
 
     def forward(self, x: Tensor, kv: Optional[Tensor] = None, cache: Optional[dict] = None,
-                return_state: bool = False) -> Tuple[Tensor, Optional[dict]]:
+                return_state: bool = False, rotary: Optional[Tuple[Tensor, Tensor]] = None
+                ) -> Tuple[Tensor, Optional[dict]]:
+        """``rotary``: (cos, sin) of the new positions (``rotary_tables``), applied to the queries and to the
+        keys before they enter the cache, so cached keys keep the positions they were written at."""
         Bsz, T, D = x.shape
         kv = x if kv is None else kv
         q = self.q_proj(x).view(Bsz, T, self.heads, self.head_dim).transpose(1, 2)
         k, v = self.kv_proj(kv).view(Bsz, T, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is None and return_state:
             cache = self.init_state(Bsz, k.device, k.dtype, T)
         if cache is not None:
@@ -95,6 +100,21 @@ class CausalAttention(nn.Module):
         y = causal_sdpa(q, k, v, self.dropout if self.training else 0.0)
         y = self.out_proj(y.transpose(1, 2).reshape(Bsz, T, D))
         return y, (cache if return_state else None)
+
+
+def rotary_tables(positions: Tensor, head_dim: int, dtype: torch.dtype, base: float = 10000.0
+                  ) -> Tuple[Tensor, Tensor]:
+    """cos and sin (T, head_dim / 2) of rotary position embeddings (RoFormer) at ``positions`` (T,),
+    computed in float32 (an fp16 angle of position 1000 is off by a whole radian) and cast to ``dtype``."""
+    inv_freq = base ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each pair (x[..., i], x[..., i + d/2]) of x (B, h, T, d) by the angle of its position."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 def _append(cache: dict, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, dict]:

@@ -43,6 +43,28 @@ def _normal_linear(lin: nn.Linear, std: float) -> nn.Linear:
     return lin
 
 
+def output_head(cfg: ModelConfig, embed: nn.Embedding) -> nn.Linear:
+    """The bias-free output projection: the embedding's own weight with `model.tie_embeddings`, else N(0, 0.02)."""
+    head = nn.Linear(cfg.hidden_dim, cfg.vocab_size, bias=False)
+    if cfg.tie_embeddings:
+        head.weight = embed.weight
+    else:
+        nn.init.normal_(head.weight, std=0.02)
+    return head
+
+
+def run_layers(layers: nn.ModuleList, x: Tensor, state: Optional[dict], return_state: bool, **kwargs
+               ) -> Tuple[Tensor, list]:
+    """x through every layer, each with its own part of `state` (None: a fresh sequence); returns x and the
+    layers' new states."""
+    layer_states = state["layers"] if state is not None else [None] * len(layers)
+    new_states = []
+    for layer, st in zip(layers, layer_states):
+        x, ns = layer(x, st, return_state, **kwargs)
+        new_states.append(ns)
+    return x, new_states
+
+
 def num_attention_layers(cfg: ModelConfig) -> int:
     return cfg.num_layers // cfg.attention_every if cfg.attention_every > 0 else 0
 
@@ -188,11 +210,7 @@ class HybridLM(nn.Module):
                 layers.append(AttentionLayer(cfg, out_std))
         self.layers = nn.ModuleList(layers)
         self.norm_f = RMSNorm(H)
-        self.lm_head = nn.Linear(H, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
-        else:
-            nn.init.normal_(self.lm_head.weight, std=0.02)
+        self.lm_head = output_head(cfg, self.embed)
 
     # -- forward ---------------------------------------------------------------------------------
 
@@ -208,11 +226,7 @@ class HybridLM(nn.Module):
                                  f"{self.cfg.max_position_embeddings}")
             x = x + self.pos_embed(torch.arange(pos0, pos0 + T, device=input_ids.device))
         x = self.drop(x)
-        layer_states = state["layers"] if state is not None else [None] * len(self.layers)
-        new_states = []
-        for layer, st in zip(self.layers, layer_states):
-            x, ns = layer(x, st, return_state)
-            new_states.append(ns)
+        x, new_states = run_layers(self.layers, x, state, return_state)
         logits = self.lm_head(self.norm_f(x))
         if return_state:
             return logits, {"pos": pos0 + T, "layers": new_states}
