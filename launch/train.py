@@ -65,7 +65,8 @@ def main(argv=None) -> int:
         train_reader = continual.stream if continual else PackedReader(
             cfg.data.data_dir, split="train", sequence_length=cfg.data.sequence_length, micro_batch_size=micro_batch,
             seed=cfg.data.seed, rank=rank, world_size=world_size, verify_checksums=verify,
-            trace_file=run_dir / "samples" / f"rank{rank}.jsonl" if cfg.data.trace_samples else None)
+            trace_file=run_dir / "samples" / f"rank{rank}.jsonl" if cfg.data.trace_samples else None,
+            allow_changed=cfg.data.allow_changed)
         val_reader = continual.validation if continual else PackedReader(
             cfg.data.data_dir, split="validation", sequence_length=cfg.data.sequence_length,
             micro_batch_size=micro_batch, seed=cfg.data.seed, rank=rank, world_size=world_size, verify_checksums=verify)
@@ -106,12 +107,13 @@ def main(argv=None) -> int:
     # ---- checkpoint state: every component that must survive a restart, registered once
     run_config = RunConfigRecord(cfg.to_dict())
     states = ClientState()
+    # The data check first: on changed data its sentence, not the reader's, says what happened and what to do.
+    if continual is None:  # a resume onto data that data_prep rewrote is refused (checkpoints from before: no check)
+        states.register("data", DataFingerprint(cfg.data.data_dir, cfg.data.allow_changed), optional=True)
     states.register("reader", train_reader)
     states.register("guard", guard)
     states.register("scale_watch", scale_watch)
     states.register("run_config", run_config)
-    if continual is None:  # a resume onto data that data_prep rewrote is refused (checkpoints from before: no check)
-        states.register("data", DataFingerprint(cfg.data.data_dir, cfg.data.allow_changed), optional=True)
     best = BestCheckpoint()
     states.register("best", best, optional=True)  # checkpoints from before `best` existed still resume
     if continual is not None:  # the schedule, replay buffer, EWC and task matrix
