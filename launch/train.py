@@ -283,9 +283,12 @@ def _lost_peer_exit(err: BaseException) -> None:
         return
     import logging
 
-    logging.getLogger("train").error("%s", message)
+    from pipeline.metrics import LOGGER_NAME
+
+    log = logging.getLogger(LOGGER_NAME)  # training.log's (rank 0) and the console's
+    log.error("%s", message)
     print(f"error: rank {comm.world()[0]}: {message}", file=sys.stderr, flush=True)
-    for handler in logging.getLogger().handlers:
+    for handler in log.handlers:
         handler.flush()
     os._exit(comm.LOST_PEER_EXIT_CODE)
 

@@ -37,7 +37,8 @@ PER_STEP = 8  # samples per step: 2 ranks x micro batch 4
 
 def drill_args(data_dir: Path, run_dir: Path, steps: int, *overrides: str) -> list[str]:
     """Deterministic (a resume reproduces the losses bit for bit), every step logged and traced."""
-    return run_args(data_dir, run_dir, "--train.max_steps", str(steps), "--train.deterministic", "true", *overrides)
+    return run_args(data_dir, run_dir, "--train.max_steps", str(steps), "--train.deterministic", "true",
+                    "--train.report", "false", *overrides)
 
 
 class Job:
@@ -218,13 +219,13 @@ def node_launchers(tmp_path: Path, run_dir: Path, *args: str) -> list[list[str]]
 
 @pytest.mark.launch
 def test_lost_rank_ends_the_other_within_the_collective_timeout_and_the_run_resumes(tiny_data, tmp_path):
-    run_dir, steps = tmp_path / "run", 40
-    args = drill_args(tiny_data, run_dir, steps, "--train.checkpoint_interval", "4", "--train.resume", "auto",
+    run_dir, steps = tmp_path / "run", 16
+    args = drill_args(tiny_data, run_dir, steps, "--train.checkpoint_interval", "3", "--train.resume", "auto",
                       "--train.collective_timeout_s", str(COLLECTIVE_TIMEOUT_S))
     marker = new_marker()  # both launchers: one cleanup
     jobs = [Job(cmd, marker) for cmd in node_launchers(tmp_path, run_dir, *args)]
     try:
-        wait_for_step(jobs[0], run_dir, 6)
+        wait_for_step(jobs[0], run_dir, 5)
         (victim,) = jobs[1].ranks()
         victim.kill()
         killed = time.monotonic()
@@ -236,6 +237,7 @@ def test_lost_rank_ends_the_other_within_the_collective_timeout_and_the_run_resu
     out = jobs[0].output
     assert rc == 76, f"rc={rc}\n{out[-6000:]}"
     assert "lost contact with another rank" in out and "Exit code 76" in out
+    assert "lost contact with another rank" in (run_dir / "training.log").read_text()
     assert elapsed < COLLECTIVE_TIMEOUT_S + 15, f"the surviving node took {elapsed:.0f} s to give up"
     stopped = intact_steps(run_dir)[-1]
 
