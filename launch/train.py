@@ -11,6 +11,7 @@ requeue and resume with --train.resume auto), 76 a peer rank was lost mid-collec
 """
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from pipeline.config import ConfigError  # noqa: E402
 from pipeline.data import DataError  # noqa: E402
 from pipeline.engine.checkpoint import CheckpointError  # noqa: E402
 from pipeline.engine.preemption import PREEMPTED_EXIT_CODE  # noqa: E402
+from pipeline.metrics import LOGGER_NAME  # noqa: E402
 from pipeline.run_config import parse_run_config  # noqa: E402
 from pipeline.trainer import Trainer  # noqa: E402
 
@@ -40,6 +42,7 @@ if __name__ == "__main__":
         if (message := comm.lost_peer(err)) is None:
             raise
         # Out at once: tearing down the process group would wait on the lost peer all over again.
+        logging.getLogger(LOGGER_NAME).error("%s", message)  # training.log
         print(f"error: rank {comm.world()[0]}: {message}", file=sys.stderr, flush=True)
         comm.exit_without_teardown(comm.LOST_PEER_EXIT_CODE)
     if code == PREEMPTED_EXIT_CODE:  # the checkpoint is complete on every rank: out before SLURM's KillWait ends

@@ -78,9 +78,10 @@ class Trainer:
 
         self.callbacks = callbacks(self) if callbacks is not None else default_callbacks(self)
         self.states = ClientState()  # every stateful component registered once, under its checkpoint key
-        self.states.register("reader", self.reader)
+        # "data" before "reader": a resume onto changed data is refused with the fingerprint's sentence.
         if getattr(self, "data_fingerprint", None) is not None:  # optional: checkpoints from before it resume
             self.states.register("data", self.data_fingerprint, optional=True)
+        self.states.register("reader", self.reader)
         for callback in self.callbacks:
             for name, component, optional in callback.states():
                 self.states.register(name, component, optional=optional)
@@ -121,7 +122,8 @@ class Trainer:
                 micro_batch_size=micro_batch, seed=cfg.data.seed, rank=self.rank, world_size=self.world_size,
                 verify_checksums=verify, **kw)
             trace = run_dir / "samples" / f"rank{self.rank}.jsonl" if cfg.data.trace_samples else None
-            self.reader = continual.stream if continual else reader("train", trace_file=trace)
+            self.reader = continual.stream if continual else reader("train", trace_file=trace,
+                                                                    allow_changed=cfg.data.allow_changed)
             self.val_reader = continual.validation if continual else reader("validation")
             if self.reader.vocab_size > cfg.model.vocab_size:
                 raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "

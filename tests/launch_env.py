@@ -80,17 +80,28 @@ def stop_process(process: subprocess.Popen, timeout: float = 10) -> None:
         process.wait(timeout)
 
 
-def kill_processes_with_env(entry: str) -> int:
-    """SIGKILL every process whose environment holds `entry` (NAME=value): what a test started, wherever
-    it ended up (re-parented launcher children, ssh sessions, SLURM steps). Returns how many."""
-    marker, killed = entry.encode(), 0
+def processes_with_env(entry: str) -> list[int]:
+    """Pids of the processes whose environment holds `entry` (NAME=value), this one excepted."""
+    marker, pids = entry.encode(), []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             if int(proc.name) != os.getpid() and marker in (proc / "environ").read_bytes().split(b"\0"):
-                os.kill(int(proc.name), signal.SIGKILL)
-                killed += 1
+                pids.append(int(proc.name))
         except (OSError, ValueError):
             pass  # gone already, or not ours to read
+    return pids
+
+
+def kill_processes_with_env(entry: str) -> int:
+    """SIGKILL every process whose environment holds `entry` (NAME=value): what a test started, wherever
+    it ended up (re-parented launcher children, ssh sessions, SLURM steps). Returns how many."""
+    killed = 0
+    for pid in processes_with_env(entry):
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+        except OSError:
+            pass  # gone already
     return killed
 
 

@@ -54,7 +54,7 @@ class PackedReader:
                  micro_batch_size: int = 1, seed: int = 1234, rank: int = 0, world_size: int = 1,
                  verify_checksums: bool = True, expected_tokenizer_sha256: Optional[str] = None,
                  manifest: Optional[Manifest] = None, trace_file: Optional[os.PathLike | str] = None,
-                 documents: Optional[tuple[int, int]] = None):
+                 documents: Optional[tuple[int, int]] = None, allow_changed: bool = False):
         if sequence_length < 1:
             raise DataError(f"sequence_length must be at least 1, got {sequence_length}")
         if micro_batch_size < 1:
@@ -73,6 +73,9 @@ class PackedReader:
         self.world_size = int(world_size)
         self.manifest.check_tokenizer(expected_tokenizer_sha256, verify_file=verify_checksums)
         self.fingerprint = self.manifest.fingerprint(split)
+        # data.allow_changed: a resume continues at the saved position over other shards (DataFingerprint
+        # refuses that otherwise, with its own sentence).
+        self.allow_changed = allow_changed
         self._open(verify_checksums)
         if documents is not None:  # a continual task's part of the folder (continual.num_tasks)
             self._keep_documents(*documents)
@@ -358,6 +361,8 @@ class PackedReader:
         if not isinstance(state, dict) or state.get("format") not in (1, STATE_FORMAT):
             raise DataError(f"reader state has an unknown format: {state!r:.200}")
         mine = self._identity()
+        if self.allow_changed:
+            mine.pop("manifest_fingerprint")
         diffs = [f"{k}: checkpoint {state.get(k)!r} vs now {v!r}" for k, v in mine.items() if state.get(k) != v]
         if diffs:
             raise DataError("cannot resume the data reader from a different data config (" + "; ".join(diffs) +
