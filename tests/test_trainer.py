@@ -287,3 +287,37 @@ def test_should_stop_may_name_its_reason(tmp_path):
     trainer, _, saves, evals = make_trainer(tmp_path, Signal(), Recorder(calls), max_steps=5)
     assert trainer.fit() == 75
     assert evals == [0, 2] and saves == [2] and calls[-1] == "exit preempted", "evaluated, saved once, exit 75"
+
+
+@pytest.mark.parametrize("during", ["evaluation", "checkpoint"])
+def test_a_signal_during_an_evaluation_or_a_checkpoint_stops_right_after_it(tmp_path, during):
+    """Not one training step later (faults issue, item 4), and a checkpoint just written is the one kept."""
+    import signal
+
+    from pipeline.callbacks import PreemptionCallback
+
+    saved_handler = signal.getsignal(signal.SIGUSR2)
+    try:
+        preemption = PreemptionCallback(["SIGUSR2"])
+        trainer, engine, saves, evals = make_trainer(tmp_path, Recorder([]), preemption, max_steps=9)
+        busy_step = 2 if during == "evaluation" else 3  # Recorder evaluates even steps, saves multiples of 3
+
+        def evaluate(step):
+            evals.append(step)
+            if step == busy_step:
+                preemption._on_signal(signal.SIGUSR2, None)  # arrives while the evaluation runs
+            trainer._each("on_evaluate", step, {})
+
+        def save(engine_, step, tag=None):
+            saves.append(step)
+            if step == busy_step:
+                preemption._on_signal(signal.SIGUSR2, None)  # arrives while the checkpoint is written
+            return f"step{step}"
+
+        trainer.evaluate = evaluate
+        trainer.checkpointer = SimpleNamespace(save=save)
+        assert trainer.fit() == 75
+        assert engine.global_steps == busy_step, "no further training step"
+        assert saves == [busy_step], "one checkpoint, of the step the signal arrived in"
+    finally:
+        signal.signal(signal.SIGUSR2, saved_handler)
