@@ -79,6 +79,9 @@ class StabilityCallback(Callback):
     def train_record(self, step: int) -> dict:
         return {**self.watch.state(), **describe_skip_counts(self.guard, self.watch)}
 
+    def on_task_start(self, task) -> None:
+        self.guard.on_task_start(task)  # a new domain's losses are its own spike baseline
+
 
 class TrainLog(Callback):
     """The periodic `train` record (metrics.jsonl, the `step N: loss` line, the progress bar) and the run summary."""

@@ -167,7 +167,7 @@ class DataConfig:
     """Append the global sample ids each rank reads to `<out_dir>/samples/rank<R>.jsonl` (one line per
     micro-batch, across restarts): an audit of which samples a run saw."""
     allow_changed: bool = False
-    """Resume even when the data folder's content (`pipeline.data.manifest.manifest_hash`) differs from the
+    """Resume even when the training split's shards (the reader's manifest fingerprint) differ from the
     one the checkpoint was trained on (for example after data_prep rewrote it); the sample order then
     continues over the new data."""
 

@@ -78,10 +78,7 @@ class Trainer:
 
         self.callbacks = callbacks(self) if callbacks is not None else default_callbacks(self)
         self.states = ClientState()  # every stateful component registered once, under its checkpoint key
-        # "data" before "reader": a resume onto changed data is refused with the fingerprint's sentence.
-        if getattr(self, "data_fingerprint", None) is not None:  # optional: checkpoints from before it resume
-            self.states.register("data", self.data_fingerprint, optional=True)
-        self.states.register("reader", self.reader)
+        self.states.register("reader", self.reader)  # refuses a resume onto data rewritten since (allow_changed)
         for callback in self.callbacks:
             for name, component, optional in callback.states():
                 self.states.register(name, component, optional=optional)
@@ -92,7 +89,7 @@ class Trainer:
     def _build(self, cfg) -> None:
         from pipeline.callbacks import PreemptionCallback
         from pipeline.continual import ContinualRun
-        from pipeline.data import DataError, DataFingerprint, PackedReader
+        from pipeline.data import DataError, PackedReader
         from pipeline.engine.setup import (check_precision_supported, configure_cpu_threads, configure_determinism,
                                            initialize, load_deepspeed_config, precision_of)
         from pipeline.model import build_model
@@ -150,9 +147,6 @@ class Trainer:
                  sum(p.numel() for p in self.model.parameters()) / 1e6, self.precision, self.world_size,
                  self.engine.device, micro_batch, self.engine.gradient_accumulation_steps(), cfg.data.sequence_length)
         self.continual = continual
-        # A resume onto data that data_prep has rewritten since is refused (pipeline/data/manifest.py).
-        self.data_fingerprint = (DataFingerprint(cfg.data.data_dir, cfg.data.allow_changed)
-                                 if continual is None else None)
 
     # ---- checkpointed state: the registry of every component that must survive a restart
     def state_dict(self) -> dict:

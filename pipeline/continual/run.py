@@ -68,7 +68,6 @@ class ContinualRun(Callback):
     def attach(self, engine, guard) -> None:
         """The engine (evaluation, EWC) and the guard's quarantine (never replay or weigh quarantined samples)."""
         self.engine = engine
-        self.schedule.subscribe(guard)  # on_task_start: a new domain's losses are its own spike baseline
         self.stream.attach_quarantine(guard.quarantined)
         self.ewc.attach(engine, lambda sample: bool(guard.quarantined) and
                         self.pool.window_of(sample) in guard.quarantined)

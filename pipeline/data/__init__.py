@@ -2,9 +2,9 @@
 
 `PackedReader` is imported lazily so that `data_prep` can use the manifest without importing torch.
 """
-from .manifest import DataError, DataFingerprint, Manifest, load_manifest, manifest_hash
+from .manifest import DataError, Manifest, load_manifest, manifest_hash
 
-__all__ = ["DataFingerprint", "Manifest", "load_manifest", "manifest_hash", "PackedReader", "DataError"]
+__all__ = ["Manifest", "load_manifest", "manifest_hash", "PackedReader", "DataError"]
 
 
 def __getattr__(name):

@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,6 @@ META_SPLIT = b"hybridlm.split"
 META_TOKENIZER_SHA256 = b"hybridlm.tokenizer_sha256"
 
 
-log = logging.getLogger(__name__)
 
 class DataError(RuntimeError):
     """Bad, missing or mismatching data; the message names the file (and line) at fault."""
@@ -298,32 +296,6 @@ def manifest_hash(manifest: "Manifest | os.PathLike | str") -> str:
              "splits": {name: [[s.file, s.sha256, s.rows, s.tokens] for s in sp.shards]
                         for name, sp in sorted(m.splits.items())}}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
-
-
-class DataFingerprint:
-    """Checkpoint state: the `manifest_hash` of the data a run trains on. The reader's position is an
-    index into that data's sample order, so resuming it over other data would silently read other
-    samples: a resume onto changed data is refused with one sentence, unless `allow_changed`."""
-
-    def __init__(self, data_dir: os.PathLike | str, allow_changed: bool = False):
-        self.data_dir = str(data_dir)
-        self.allow_changed = allow_changed
-        self.hash = manifest_hash(data_dir)
-
-    def state_dict(self) -> dict:
-        return {"manifest_hash": self.hash, "data_dir": self.data_dir}
-
-    def load_state_dict(self, state: dict) -> None:
-        saved = state.get("manifest_hash")
-        if saved is None or saved == self.hash:
-            return
-        if not self.allow_changed:
-            raise DataError(f"the data in {self.data_dir} changed since the checkpoint was written (manifest hash "
-                            f"{self.hash[:12]} here, {saved[:12]} in the checkpoint, trained on {state.get('data_dir')}): "
-                            "the reader's position would point at other samples. Pass --data.allow_changed true to "
-                            "resume on the new data anyway, or point --data.data_dir at the data it was trained on")
-        log.warning("the data in %s changed since the checkpoint (manifest hash %s, was %s); resuming on it because "
-                    "data.allow_changed is set", self.data_dir, self.hash[:12], saved[:12])
 
 
 def load_manifest(data_dir: os.PathLike | str) -> Manifest:

@@ -22,6 +22,7 @@ At an unchanged layout the order is exactly the one of an uninterrupted run.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
@@ -32,6 +33,8 @@ import torch
 
 from .manifest import (DOC_ID_COLUMN, META_TOKENIZER_SHA256, TOKENS_COLUMN, DataError, Manifest,
                        load_manifest)
+
+log = logging.getLogger(__name__)
 
 STATE_FORMAT = 2  # 1: per-rank micro-batch count of a fixed layout (still loaded)
 
@@ -73,8 +76,7 @@ class PackedReader:
         self.world_size = int(world_size)
         self.manifest.check_tokenizer(expected_tokenizer_sha256, verify_file=verify_checksums)
         self.fingerprint = self.manifest.fingerprint(split)
-        # data.allow_changed: a resume continues at the saved position over other shards (DataFingerprint
-        # refuses that otherwise, with its own sentence).
+        # data.allow_changed: a resume onto rewritten data continues at the saved position over the new shards.
         self.allow_changed = allow_changed
         self._open(verify_checksums)
         if documents is not None:  # a continual task's part of the folder (continual.num_tasks)
@@ -361,8 +363,21 @@ class PackedReader:
         if not isinstance(state, dict) or state.get("format") not in (1, STATE_FORMAT):
             raise DataError(f"reader state has an unknown format: {state!r:.200}")
         mine = self._identity()
-        if self.allow_changed:
-            mine.pop("manifest_fingerprint")
+        saved_data = str(state.get("manifest_fingerprint", ""))
+        content, _, selection = mine["manifest_fingerprint"].partition(":")  # hash[:documents[a,b)]
+        saved_content, _, saved_selection = saved_data.partition(":")
+        if saved_data and selection == saved_selection and content != saved_content:
+            # The position indexes that data's sample order: over other shards it points at other samples.
+            if not self.allow_changed:
+                raise DataError(f"the data in {self.manifest.data_dir} ({self.split} split) changed since the checkpoint "
+                                f"was written (fingerprint {mine['manifest_fingerprint'][:12]} here, {saved_data[:12]} in "
+                                "the checkpoint): the reader's position would point at other samples. Pass "
+                                "--data.allow_changed true to resume on the new data anyway, or point --data.data_dir "
+                                "at the data it was trained on")
+            log.warning("the data in %s changed since the checkpoint (fingerprint %s, was %s); resuming on it because "
+                        "data.allow_changed is set", self.manifest.data_dir, mine["manifest_fingerprint"][:12],
+                        saved_data[:12])
+            mine["manifest_fingerprint"] = saved_data  # the documents range is still compared below
         diffs = [f"{k}: checkpoint {state.get(k)!r} vs now {v!r}" for k, v in mine.items() if state.get(k) != v]
         if diffs:
             raise DataError("cannot resume the data reader from a different data config (" + "; ".join(diffs) +
